@@ -1,0 +1,59 @@
+# lightning-clip: `make ablate` (the main job) and `make test` on a fresh clone; `make help` lists targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON3 ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# torch and torchvision must be a matching pair (timm imports torchvision). This pair is the one this
+# project is tested with; override for another CUDA/CPU build, e.g. `make install TORCH_SPEC="torch torchvision"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+ABLATION ?=
+SEEDS    ?= 3
+QUICK    ?=
+ARGS     ?=
+CONFIG   ?= experiments/base.yaml
+
+.PHONY: help install data train smoke ablate test test-slow tensorboard bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: ABLATION=<name> SEEDS=3 QUICK=1 ARGS='--trainer.max_steps=50' CONFIG=experiments/base.yaml"
+
+install: $(STAMP)  ## create .venv and install the package with its dev and bench extras (idempotent)
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+data: install  ## generate the default synthetic world into data/synthetic (skipped when present)
+	$(PY) -m lightning_clip.data.synthetic --out data/synthetic
+
+train: install  ## one training run: make train CONFIG=... ARGS='--model.loss=siglip'
+	$(PY) -m lightning_clip fit --config $(CONFIG) $(ARGS)
+
+smoke: install  ## a few steps of tiny everything (< 1 min)
+	$(PY) -m lightning_clip fit --config experiments/base.yaml --config experiments/smoke.yaml $(ARGS)
+
+ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=, QUICK=1)
+	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) --seeds $(SEEDS) $(if $(QUICK),--quick)
+
+test: install  ## the test suite without the slow end-to-end tests (< 5 min)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" -q
+
+test-slow: install  ## only the slow end-to-end tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow -q
+
+tensorboard: install  ## TensorBoard over runs/ (or runs/$(ABLATION))
+	$(VENV)/bin/tensorboard --logdir runs/$(ABLATION) --bind_all
+
+bench: install  ## the benchmark scripts (figures go to stdout; see BENCHMARKS.md)
+	$(PY) benchmarks/loss_memory.py --sizes 4096 8192 16384
+	$(PY) benchmarks/data_throughput.py
+
+clean:  ## remove runs, results of quick runs, caches (keeps .venv and data)
+	rm -rf runs lightning_logs .pytest_cache results/quick
+	find . -name __pycache__ -prune -exec rm -rf {} +

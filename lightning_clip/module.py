@@ -1,0 +1,158 @@
+"""ClipModule: two towers, projection heads, optional variance heads, and an injected loss family.
+
+The loss is built from a registered name (`model.loss`) and its options (`model.loss_args`), so an
+ablation cell swaps it with one line of YAML. The module only builds what the loss asks for in its
+`needs` (variance heads, region/word features), so the InfoNCE baseline carries no unused parameters.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_clip.losses import build_loss
+from lightning_clip.models import ImageTower, ProjectionHead, TextTower, VarianceHead
+from lightning_clip.outputs import Embeddings
+
+
+class ClipModule(L.LightningModule):
+    def __init__(
+        self,
+        loss: str = "infonce",
+        loss_args: Optional[dict[str, Any]] = None,
+        image_model: str = "test_vit",
+        image_pretrained: bool = False,
+        image_model_args: Optional[dict[str, Any]] = None,
+        image_size: Optional[int] = 64,
+        text_model: Optional[str] = None,
+        text_config: Optional[dict[str, Any]] = None,
+        text_pooling: str = "mean",
+        vocab_size: int = 8000,
+        pad_token_id: int = 0,
+        embed_dim: int = 128,
+        head: str = "linear",
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.0,
+    ):
+        """
+        Args:
+            loss: registered loss family (see `lightning_clip.losses.LOSSES`).
+            loss_args: options of that family's module (e.g. `mode`, `label_smoothing`).
+            image_model: a timm model name; `test_vit`/`test_resnet` are tiny and need no download.
+            image_pretrained: load timm's pretrained weights (needs the hub).
+            image_model_args: extra keyword arguments for `timm.create_model` (e.g. `patch_size`).
+            image_size: input resolution (linked from `data.image_size`); ViTs need it at build time.
+            text_model: a transformers name or path; empty builds a small BERT from `text_config`.
+            text_config: `BertConfig` overrides for the offline text tower.
+            text_pooling: `mean` over real tokens or the `cls` token.
+            vocab_size, pad_token_id: linked from the data module's tokenizer.
+            embed_dim: size of the shared embedding space.
+            head: `linear` (CLIP) or `mlp` (the tutorial's projection head).
+            lr, weight_decay, betas: AdamW; no decay on biases, norms, embeddings and the loss' scale/bias.
+            warmup_steps, min_lr_ratio: linear warmup then cosine decay to `min_lr_ratio * lr`.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.loss = build_loss(loss, **(loss_args or {}))
+        needs = self.loss.needs
+        self.image_tower = ImageTower(image_model, pretrained=image_pretrained, image_size=image_size,
+                                      **(image_model_args or {}))
+        self.text_tower = TextTower(text_model, text_config, vocab_size=vocab_size, pad_token_id=pad_token_id,
+                                    pooling=text_pooling)
+        self.image_head = ProjectionHead(self.image_tower.num_features, embed_dim, head)
+        self.text_head = ProjectionHead(self.text_tower.num_features, embed_dim, head)
+        self.with_variance = bool({"image_ln_std", "text_ln_std"} & needs)
+        if self.with_variance:
+            self.image_var = VarianceHead(self.image_tower.num_features)
+            self.text_var = VarianceHead(self.text_tower.num_features)
+        self.with_local = bool({"regions", "words"} & needs)
+        if self.with_local:
+            # separate heads: local features need not live where the pooled ones do (AttnGAN projects
+            # regions with its own 1x1 conv)
+            self.region_head = ProjectionHead(self.image_tower.num_features, embed_dim, "linear")
+            self.word_head = ProjectionHead(self.text_tower.num_features, embed_dim, "linear")
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> Embeddings:
+        pooled_i, regions = self.image_tower(batch["image"])
+        pooled_t, words, word_mask = self.text_tower(batch["input_ids"], batch["attention_mask"])
+        emb = Embeddings(image=self.image_head(pooled_i), text=self.text_head(pooled_t))
+        if self.with_variance:
+            emb.image_ln_std = self.image_var(pooled_i)
+            emb.text_ln_std = self.text_var(pooled_t)
+        if self.with_local:
+            emb.regions = self.region_head(regions)
+            emb.words = self.word_head(words)
+            emb.word_mask = word_mask
+        meta = batch.get("meta") or {}
+        if "groups" in self.loss.needs and "image_group" in meta:
+            emb.image_groups = meta["image_group"]
+            emb.text_groups = meta["text_group"]
+        return emb
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def _loss(self, batch: dict, stage: str):
+        emb = self(batch)
+        out = self.loss(emb)
+        if not torch.isfinite(out.loss):
+            # fail loudly instead of letting AdamW spread NaN through every weight
+            raise FloatingPointError(
+                f"{stage} loss is {float(out.loss)} at global step {self.global_step} (loss family "
+                f"{self.hparams.loss!r}, batch keys {list(batch.get('meta', {}).get('key', []))[:4]}...); "
+                "lower model.lr, check the inputs, or use precision bf16-mixed instead of 16-mixed")
+        return emb, out
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        emb, out = self._loss(batch, "train")
+        bs = emb.batch_size
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        for name, value in out.terms.items():
+            self.log(f"train/loss/{name}", value, batch_size=bs)
+        if self.loss.log_scale is not None:
+            # issue 2 asks for it here; the temperature callback logs the full set under temperature/*
+            self.log("train/logit_scale", self.loss.logit_scale.detach(), batch_size=bs)
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        emb, out = self._loss(batch, "val")
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=emb.batch_size, sync_dist=True)
+        return {"loss": out.loss, "emb": emb.map(lambda t: t.detach().float() if t.is_floating_point() else t),
+                "meta": batch.get("meta", {})}
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.loss.clamp_()
+
+    # -- optimisation ------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        loss_no_decay = {f"loss.{n}" for n in self.loss.no_decay}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # CLIP's recipe: no decay on gains, biases, embeddings, and above all not on the learned
+            # temperature, which decay would pull toward scale 1.
+            if p.ndim < 2 or name in loss_no_decay or "embeddings" in name or "norm" in name.lower():
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        hp = self.hparams
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(hp.warmup_steps, total // 2)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,95 @@
+"""ClipModule: shapes, optional heads driven by the loss' needs, temperature clamp, weight-decay groups,
+learning-rate schedule, and the NaN guard."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_clip.losses.base import LOG_SCALE_MAX
+from lightning_clip.module import ClipModule
+
+TINY = dict(embed_dim=16, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1),
+            vocab_size=60, image_size=32)
+
+
+def batch(n=4, length=7, size=32):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, 4:] = 0  # one padded caption
+    return dict(image=torch.randn(n, 3, size, size, generator=g),
+                input_ids=torch.randint(5, 60, (n, length), generator=g) * mask, attention_mask=mask,
+                meta=dict(image_group=torch.arange(n), text_group=torch.arange(n)))
+
+
+def test_forward_shapes_and_no_unused_heads():
+    m = ClipModule(**TINY)
+    emb = m(batch())
+    assert emb.image.shape == (4, 16) and emb.text.shape == (4, 16)
+    assert emb.image_ln_std is None and emb.regions is None
+    assert not hasattr(m, "image_var") and not hasattr(m, "region_head")
+
+
+def test_unknown_image_model_names_the_option():
+    with pytest.raises(ValueError, match=r"unknown timm image model 'vit_nonexistent_xyz'.*model\.image_model"):
+        ClipModule(image_model="vit_nonexistent_xyz", **TINY)
+
+
+def test_unknown_loss_lists_registered_names():
+    with pytest.raises(ValueError, match=r"unknown loss 'clipp'.*infonce"):
+        ClipModule(loss="clipp", **TINY)
+
+
+def test_cnn_tower_takes_any_size():
+    m = ClipModule(image_model="test_resnet", **TINY)
+    assert m(batch()).image.shape == (4, 16)
+
+
+def test_log_scale_not_decayed_and_clamped_after_step():
+    m = ClipModule(**TINY)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 10
+
+    m.trainer = FakeTrainer()  # type: ignore[assignment]
+    opt = m.configure_optimizers()["optimizer"]
+    no_decay = next(g for g in opt.param_groups if g["weight_decay"] == 0.0)
+    assert any(p is m.loss.log_scale for p in no_decay["params"])
+    decay = next(g for g in opt.param_groups if g["weight_decay"] > 0)
+    assert all(p is not m.loss.log_scale for p in decay["params"])
+    with torch.no_grad():
+        m.loss.log_scale.fill_(10.0)
+    m.loss.clamp_()
+    assert float(m.loss.log_scale) == pytest.approx(LOG_SCALE_MAX)
+    with torch.no_grad():
+        m.loss.log_scale.fill_(-3.0)
+    m.loss.clamp_()
+    assert float(m.loss.log_scale) == 0.0
+
+
+def test_warmup_then_cosine():
+    m = ClipModule(warmup_steps=4, lr=1.0, **TINY)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 20
+
+    m.trainer = FakeTrainer()  # type: ignore[assignment]
+    sched = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] < lrs[4]          # warmup rises
+    assert lrs[4] == pytest.approx(1.0)                         # peak after warmup
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))       # cosine decays
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+
+
+def test_nan_features_raise_a_clear_error():
+    m = ClipModule(**TINY)
+    b = batch()
+    b["image"][1] = float("nan")
+    with pytest.raises((FloatingPointError, ValueError), match=r"(?i)nan|loss is"):
+        m.training_step(b, 0)
