@@ -39,6 +39,7 @@ class ClipModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.0,
+        negatives_from: int = 1,
     ):
         """
         Args:
@@ -56,9 +57,18 @@ class ClipModule(L.LightningModule):
             head: `linear` (CLIP) or `mlp` (the tutorial's projection head).
             lr, weight_decay, betas: AdamW; no decay on biases, norms, embeddings and the loss' scale/bias.
             warmup_steps, min_lr_ratio: linear warmup then cosine decay to `min_lr_ratio * lr`.
+            negatives_from: compute the loss over this many micro-batches at once (GradCache): their
+                embeddings are cached without graph, the loss is taken over all k*B pairs, then each
+                micro-batch's forward is replayed (same RNG state, so dropout matches) to back-propagate.
+                Unlike `accumulate_grad_batches`, this adds negatives. One optimizer step per k batches.
         """
         super().__init__()
         self.save_hyperparameters()
+        if negatives_from < 1:
+            raise ValueError(f"model.negatives_from must be >= 1, got {negatives_from}")
+        # GradCache needs control over backward and the optimizer step
+        self.automatic_optimization = negatives_from == 1
+        self._cache: list[tuple[dict, tuple]] = []
         self.loss = build_loss(loss, **(loss_args or {}))
         needs = self.loss.needs
         self.image_tower = ImageTower(image_model, pretrained=image_pretrained, image_size=image_size,
@@ -97,27 +107,106 @@ class ClipModule(L.LightningModule):
         return emb
 
     # -- steps ---------------------------------------------------------------------------------------------
-    def _loss(self, batch: dict, stage: str):
-        emb = self(batch)
-        out = self.loss(emb)
+    def _compute_loss(self, emb: Embeddings):
+        # The loss runs in float32 outside autocast: logits of scale 100 and log-sum-exps over thousands
+        # of columns lose too much in bf16/fp16 (a peer pitfall: NaN after the first step).
+        with torch.autocast(self.device.type, enabled=False):
+            return self.loss(emb.map(lambda t: t.float() if t.is_floating_point() else t))
+
+    def _check_finite(self, out, batch: dict, stage: str) -> None:
         if not torch.isfinite(out.loss):
             # fail loudly instead of letting AdamW spread NaN through every weight
             raise FloatingPointError(
                 f"{stage} loss is {float(out.loss)} at global step {self.global_step} (loss family "
                 f"{self.hparams.loss!r}, batch keys {list(batch.get('meta', {}).get('key', []))[:4]}...); "
                 "lower model.lr, check the inputs, or use precision bf16-mixed instead of 16-mixed")
+
+    def _loss(self, batch: dict, stage: str):
+        emb = self(batch)
+        out = self._compute_loss(emb)
+        self._check_finite(out, batch, stage)
         return emb, out
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[Tensor]:
+        if not self.automatic_optimization:
+            return self._gradcache_step(batch)
         emb, out = self._loss(batch, "train")
-        bs = emb.batch_size
+        self._log_train(out, emb.batch_size)
+        return out.loss
+
+    def _log_train(self, out, bs: int) -> None:
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         for name, value in out.terms.items():
             self.log(f"train/loss/{name}", value, batch_size=bs)
         if self.loss.log_scale is not None:
             # issue 2 asks for it here; the temperature callback logs the full set under temperature/*
             self.log("train/logit_scale", self.loss.logit_scale.detach(), batch_size=bs)
-        return out.loss
+
+    # -- GradCache: negatives beyond one micro-batch ------------------------------------------------
+    @staticmethod
+    def _rng_state() -> tuple:
+        return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    @staticmethod
+    def _set_rng_state(state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state_all(state[1])
+
+    def _backward(self, tensor: Tensor) -> None:
+        # through Lightning when attached to a trainer (precision plugins, DDP hooks), plain otherwise
+        if self._trainer is not None:
+            self.manual_backward(tensor)
+        else:
+            tensor.backward()
+
+    def gradcache_backward(self, cached: list[tuple[dict, tuple]]):
+        """Back-propagate one loss over several micro-batches, holding one micro-batch's graph at a time.
+
+        `cached` holds (batch, rng_state) pairs, the RNG state taken before that batch was first seen.
+        Peak memory is one micro-batch's activations plus the k*B embeddings.
+        """
+        # 1. embeddings of every micro-batch, without graph
+        with torch.no_grad():
+            parts = []
+            for b, state in cached:
+                self._set_rng_state(state)
+                parts.append(self(b))
+        after = self._rng_state()
+        # 2. the loss over all k*B pairs, with the embeddings as leaves
+        fields = [f for f, v in vars(parts[0]).items() if v is not None]
+        full = Embeddings(**{f: torch.cat([getattr(p, f) for p in parts]) for f in fields})
+        leaves = full.map(lambda t: t.detach().requires_grad_() if t.is_floating_point() else t)
+        out = self._compute_loss(leaves)
+        self._check_finite(out, cached[0][0], "train")
+        self._backward(out.loss)  # grads of the loss' own parameters and of the embedding leaves
+        grads = {f: getattr(leaves, f).grad for f in fields if getattr(leaves, f).is_floating_point()}
+        # 3. replay each micro-batch with graph (same RNG: same dropout) and push the cached gradients in
+        start = 0
+        for (b, state), part in zip(cached, parts):
+            n = part.batch_size
+            self._set_rng_state(state)
+            emb = self(b)
+            surrogate = sum((getattr(emb, f) * g[start:start + n]).sum() for f, g in grads.items() if g is not None)
+            self._backward(surrogate)
+            start += n
+        self._set_rng_state(after)
+        return out, full.batch_size
+
+    def _gradcache_step(self, batch: dict) -> Optional[Tensor]:
+        """Collect k micro-batches; on the k-th, one loss over all of them and one optimizer step."""
+        self._cache.append((batch, self._rng_state()))
+        if len(self._cache) < self.hparams.negatives_from:
+            return None
+        cached, self._cache = self._cache, []
+        out, n = self.gradcache_backward(cached)
+        opt = self.optimizers()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        self.loss.clamp_()
+        self._log_train(out, n)
+        return out.loss.detach()
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         emb, out = self._loss(batch, "val")
@@ -125,7 +214,7 @@ class ClipModule(L.LightningModule):
         return {"loss": out.loss, "emb": emb.map(lambda t: t.detach().float() if t.is_floating_point() else t),
                 "meta": batch.get("meta", {})}
 
-    def optimizer_step(self, *args, **kwargs):
+    def optimizer_step(self, *args, **kwargs):  # automatic optimisation only
         super().optimizer_step(*args, **kwargs)
         self.loss.clamp_()
 
