@@ -1,0 +1,14 @@
+"""Data: the synthetic world (`synthetic`), shard reading (`shards`), converters (`convert`),
+transforms and the `ClipDataModule`."""
+from __future__ import annotations
+
+__all__ = ["ClipDataModule"]
+
+
+def __getattr__(name):
+    # Lazy, so that `python -m lightning_clip.data.synthetic` does not import itself twice.
+    if name == "ClipDataModule":
+        from lightning_clip.data.datamodule import ClipDataModule
+
+        return ClipDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,290 @@
+"""`ClipDataModule`: streams image-caption shards into the project's batch dict.
+
+Training is resampled and infinite (shards drawn with replacement, a sample shuffle buffer, one caption
+drawn per visit) and cut into epochs of ``epoch_length`` samples. Validation is deterministic: every
+caption of every image, one item per (image, caption) pair, in shard order, shards split across nodes
+and DataLoader workers without duplication or loss.
+
+Decoding, transforms, tokenisation and collation all happen in the workers; the loader receives whole
+batches (``batch_size=None``), which keeps inter-process traffic to one message per batch.
+
+Skipped samples (see `lightning_clip.data.shards`) are counted in a counter shared with the workers:
+``datamodule.skipped`` is the running total for this process (train and val), which the module logs as
+``data/skipped``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lightning_clip.data.shards import Record, SkipPolicy, expand_shards, iter_captions, iter_records
+from lightning_clip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+
+BATCHING_MODES = ("image", "caption")
+
+
+def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length: int) -> dict:
+    """(record, caption index, image tensor) items -> the batch dict of CONTRACTS.md."""
+    captions = [r.captions[k] for r, k, _ in items]
+    tok = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    info = [r.caption_info[k] if r.caption_info else None for r, k, _ in items]
+    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return {
+        "image": torch.stack([x for _, _, x in items]),
+        "input_ids": tok["input_ids"].long(),
+        "attention_mask": tok["attention_mask"].long(),
+        "meta": {
+            "key": [f"{r.key}#{k}" for r, k, _ in items],
+            "caption": captions,
+            "image_id": long([r.image_id for r, _, _ in items]),
+            # one group per image: its captions and any identical image/scene share it
+            "image_group": long([r.group for r, _, _ in items]),
+            "text_group": long([r.group for r, _, _ in items]),
+            "specificity": long([c["level"] if c else -1 for c in info]),
+            "num_objects": long([len(r.scene["objects"]) if r.scene else -1 for r, _, _ in items]),
+            "scene": [r.scene for r, _, _ in items],
+            "constraints": [c["constraints"] if c else None for c in info],
+        },
+    }
+
+
+class ShardStream(IterableDataset):
+    """Yields collated batches; the split logic depends on ``train``.
+
+    ``rank``/``world_size`` are fixed in the main process at setup; the worker id is read in the worker.
+    """
+
+    def __init__(self, shards: list[str], *, train: bool, batch_size: int, transform: ImageTransform,
+                 tokenizer, max_length: int, on_bad: SkipPolicy, batching: str = "image",
+                 shuffle_buffer: int = 1000, epoch_length: int = 2000, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0):
+        super().__init__()
+        self.shards, self.train, self.batch_size = shards, train, batch_size
+        self.transform, self.tokenizer, self.max_length, self.on_bad = transform, tokenizer, max_length, on_bad
+        self.batching, self.shuffle_buffer, self.epoch_length, self.seed = batching, shuffle_buffer, epoch_length, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 0)
+        self.epoch = 0   # set by the loader in the main process before each pass
+        self._passes = 0  # passes made by this copy (persistent workers keep their copy)
+
+    def batches_per_worker(self) -> int:
+        return max(1, math.ceil(self.epoch_length / (self.batch_size * self.world_size * max(1, self.num_workers))))
+
+    def __len__(self) -> int:
+        if not self.train:
+            raise TypeError("the validation stream has no fixed length")
+        return self.batches_per_worker() * max(1, self.num_workers)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        self._passes += 1
+        if self.train:
+            rng = random.Random(hash((self.seed, self.rank, worker, self.epoch, self._passes)))
+            items = self._train_items(rng)
+            yield from islice(self._batches(items, partial=False), self.batches_per_worker())
+        else:
+            # Node split first, then worker split, both over shards: deterministic, no loss, no duplication.
+            mine = self.shards[self.rank::self.world_size][worker::workers]
+            yield from self._batches(self._val_items(mine), partial=True)
+
+    # ------------------------------------------------------------------------------------ items
+    def _records(self, shards) -> Iterator[Record]:
+        for shard in shards:
+            yield from iter_records(shard, self.on_bad)
+
+    def _train_items(self, rng: random.Random):
+        import webdataset as wds
+
+        def resampled():
+            while True:
+                yield self.shards[rng.randrange(len(self.shards))]
+
+        records = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(
+            self._records(resampled())) if self.shuffle_buffer > 1 else self._records(resampled())
+        if self.batching == "image":
+            for r in records:
+                yield r, rng.randrange(len(r.captions)), self.transform(r.image)
+        else:
+            # every caption of an image, kept close together so that the image repeats within a batch;
+            # a batch-sized buffer mixes their positions
+            def expanded():
+                for r in records:
+                    x = self.transform(r.image)
+                    for k in range(len(r.captions)):
+                        yield r, k, x
+            yield from wds.shuffle(self.batch_size, initial=self.batch_size, rng=rng)(expanded())
+
+    def _val_items(self, shards):
+        for r in self._records(shards):
+            x = self.transform(r.image)
+            for k in range(len(r.captions)):
+                yield r, k, x
+
+    def _batches(self, items, partial: bool) -> Iterator[dict]:
+        buf = []
+        for item in items:
+            buf.append(item)
+            if len(buf) == self.batch_size:
+                yield collate(buf, self.tokenizer, self.max_length)
+                buf = []
+        if buf and partial:
+            yield collate(buf, self.tokenizer, self.max_length)
+
+
+class _EpochLoader(DataLoader):
+    """Tells the stream which epoch it is, so non-persistent workers do not replay the same order."""
+
+    def __iter__(self):
+        self.dataset.epoch = getattr(self, "_epoch", 0)
+        self._epoch = self.dataset.epoch + 1
+        return super().__iter__()
+
+
+class ClipDataModule(LightningDataModule):
+    """Image-caption shards -> batches (see CONTRACTS.md "The batch").
+
+    Args:
+        train_shards: training shards: a directory of ``.tar``, a glob, or a brace pattern.
+        val_shards: validation shards, same forms.
+        batch_size: items per training batch (per device).
+        val_batch_size: items per validation batch (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        image_size: output image side (resize the shorter side, centre crop).
+        max_length: tokens per caption, with ``[CLS]``/``[SEP]``; longer captions are truncated.
+        tokenizer: ``"auto"`` (synthetic ``tokenizer.json`` beside the shards, else a WordPiece trained on
+            the train captions and cached under ``tokenizer_cache``), a ``tokenizer.json`` path, or a
+            transformers name (needs the hub).
+        tokenizer_vocab_size: vocabulary size of a trained WordPiece.
+        tokenizer_cache: where trained tokenizers are cached (never the shard folder).
+        epoch_length: training items per epoch (training is resampled and infinite).
+        shuffle_buffer: samples in the training shuffle buffer.
+        batching: ``"image"`` (one item per image, one random caption) or ``"caption"`` (one item per
+            caption: an image appears several times in a batch; group ids mark the positives).
+        strict: raise on the first bad sample instead of skipping it.
+        mean: normalisation mean (CLIP's by default).
+        std: normalisation std.
+        augment: random resized crops for training (no flips: captions name positions).
+        generate: if the shard directories are missing, generate the synthetic world first with these
+            arguments of `lightning_clip.data.synthetic.generate` (e.g. ``{"seed": 0, "num_train": 20000,
+            "num_val": 500}``); requires ``train_shards`` and ``val_shards`` to be ``<root>/train`` and
+            ``<root>/val``.
+        seed: seed of the training stream (shard choice, shuffling, caption choice).
+    """
+
+    def __init__(self, train_shards: str = "data/synthetic/train", val_shards: str = "data/synthetic/val",
+                 batch_size: int = 64, val_batch_size: Optional[int] = None, num_workers: int = 2,
+                 image_size: int = 64, max_length: int = 32, tokenizer: str = "auto",
+                 tokenizer_vocab_size: int = 4000, tokenizer_cache: str = "data/tokenizers",
+                 epoch_length: int = 2000, shuffle_buffer: int = 1000, batching: str = "image",
+                 strict: bool = False, mean: tuple[float, float, float] = CLIP_MEAN,
+                 std: tuple[float, float, float] = CLIP_STD, augment: bool = False,
+                 generate: Optional[dict[str, Any]] = None, seed: int = 0):
+        super().__init__()
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"data.batching={batching!r}; choices: {list(BATCHING_MODES)}")
+        for name, v in (("batch_size", batch_size), ("epoch_length", epoch_length), ("max_length", max_length)):
+            if v < 1:
+                raise ValueError(f"data.{name}={v} must be >= 1")
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.image_size, self.max_length = num_workers, image_size, max_length
+        self.epoch_length, self.shuffle_buffer, self.batching = epoch_length, shuffle_buffer, batching
+        self.strict, self.mean, self.std, self.augment = strict, tuple(mean), tuple(std), augment
+        self.generate, self.seed = generate, seed
+        self._skips = SkipPolicy(strict)
+        # Workers fork after the tokenizer may have run here; its Rust thread pool must stay off.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_vocab_size, tokenizer_cache)
+        self.vocab_size: int = len(self.tokenizer)
+        self.pad_token_id: int = int(self.tokenizer.pad_token_id)
+        self._train: Optional[ShardStream] = None
+        self._val: Optional[ShardStream] = None
+
+    # ------------------------------------------------------------------------------------ setup
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (bad input), across all workers of this process."""
+        return self._skips.count
+
+    def _generate_root(self) -> Optional[Path]:
+        if not self.generate or Path(self.train_shards).exists():
+            return None
+        tr, va = Path(self.train_shards), Path(self.val_shards)
+        if tr.name != "train" or va.name != "val" or tr.parent != va.parent:
+            raise ValueError(f"data.generate needs data.train_shards=<root>/train and data.val_shards=<root>/val; "
+                             f"got {self.train_shards!r} and {self.val_shards!r}")
+        return tr.parent
+
+    def _load_tokenizer(self, spec: str, vocab_size: int, cache: str):
+        from lightning_clip.models.tokenizer import load_tokenizer, synthetic_tokenizer
+
+        if spec == "auto" and self._generate_root() is not None:
+            return synthetic_tokenizer()  # what the generator will write beside the shards
+        if spec != "auto":
+            return load_tokenizer(spec)
+        shards = expand_shards(self.train_shards, "train_shards")
+        return load_tokenizer("auto", shards, cache_dir=cache, captions=iter_captions(shards),
+                              vocab_size=vocab_size)
+
+    def prepare_data(self) -> None:
+        root = self._generate_root()
+        if root is not None:
+            from lightning_clip.data.synthetic import ensure_generated
+
+            ensure_generated(root, **self.generate)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare_data()  # idempotent; covers use without a Trainer
+        rank, world = self._world()
+        common = dict(tokenizer=self.tokenizer, max_length=self.max_length, on_bad=self._skips,
+                      rank=rank, world_size=world, num_workers=self.num_workers)
+        if stage in (None, "fit"):
+            self._train = ShardStream(
+                expand_shards(self.train_shards, "train_shards"), train=True, batch_size=self.batch_size,
+                transform=ImageTransform(self.image_size, self.mean, self.std, augment=self.augment),
+                batching=self.batching, shuffle_buffer=self.shuffle_buffer, epoch_length=self.epoch_length,
+                seed=self.seed, **common)
+        if stage in (None, "fit", "validate", "test"):
+            shards = expand_shards(self.val_shards, "val_shards")
+            if len(shards) < world * max(1, self.num_workers):
+                warnings.warn(f"data.val_shards has {len(shards)} shards for {world} node(s) x "
+                              f"{self.num_workers} workers: some will read no validation data")
+            self._val = ShardStream(shards, train=False, batch_size=self.val_batch_size,
+                                    transform=ImageTransform(self.image_size, self.mean, self.std),
+                                    **common)
+
+    def _loader(self, stream: ShardStream, workers: int) -> DataLoader:
+        return _EpochLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                            pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        if self._train is None:
+            self.setup("fit")
+        return self._loader(self._train, self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        if self._val is None:
+            self.setup("validate")
+        return self._loader(self._val, min(self.num_workers, len(self._val.shards)))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

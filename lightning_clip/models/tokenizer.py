@@ -1,0 +1,124 @@
+"""Offline tokenizers: the synthetic world's closed vocabulary, or a small WordPiece trained on captions.
+
+Both are `transformers.PreTrainedTokenizerFast` with ``[PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3`` and a
+``[CLS] ... [SEP]`` template, lower-casing and BERT pre-tokenisation, so a whole word is (usually) one
+token: the DAMSM loss treats token features as words.
+
+`load_tokenizer(spec, train_shards)` resolves the ``data.tokenizer`` option:
+- ``"auto"``: ``tokenizer.json`` beside the train shards (written by the synthetic generator), else a
+  WordPiece trained on the train captions and cached under ``data/tokenizers/<hash>.json`` (never in the
+  shard folder, which may be read-only);
+- a path to a ``tokenizer.json`` file;
+- anything else goes to ``transformers.AutoTokenizer.from_pretrained`` (a hub name needs the network).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+def _wrap(backend) -> "PreTrainedTokenizerFast":
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", model_max_length=512)
+
+
+def _pipeline(model):
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors, decoders
+
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", SPECIAL_TOKENS.index("[CLS]")), ("[SEP]", SPECIAL_TOKENS.index("[SEP]"))])
+    return tok
+
+
+def tokenizer_from_words(words: Sequence[str]):
+    """A WordPiece tokenizer whose vocabulary is exactly the special tokens plus ``words``."""
+    from tokenizers.models import WordPiece
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in words:
+        vocab.setdefault(w.lower(), len(vocab))
+    return _wrap(_pipeline(WordPiece(vocab=vocab, unk_token="[UNK]")))
+
+
+def synthetic_tokenizer():
+    """The synthetic world's tokenizer: one token per word of its closed vocabulary."""
+    from lightning_clip.data.synthetic import vocabulary
+
+    return tokenizer_from_words(vocabulary())
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 4000):
+    """Train a lower-cased WordPiece on ``texts`` (a few seconds for Flickr8k's 30k captions)."""
+    from tokenizers.models import WordPiece
+    from tokenizers.trainers import WordPieceTrainer
+
+    tok = _pipeline(WordPiece(unk_token="[UNK]"))
+    trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+                               show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _wrap(tok)
+
+
+def load_tokenizer_file(path: str | os.PathLike):
+    from tokenizers import Tokenizer
+
+    return _wrap(Tokenizer.from_file(str(path)))
+
+
+def shard_list_hash(shards: Sequence[str]) -> str:
+    """Identifies a training set by its shard names and sizes (cheap; no need to read the data)."""
+    h = hashlib.sha1()
+    for s in sorted(shards):
+        h.update(str(Path(s).resolve()).encode())
+        h.update(str(os.path.getsize(s) if os.path.exists(s) else -1).encode())
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(spec: str, train_shards: Sequence[str] = (), cache_dir: str | os.PathLike = "data/tokenizers",
+                   captions: Iterable[str] | None = None, vocab_size: int = 4000):
+    """Resolve the ``data.tokenizer`` option (see the module docstring).
+
+    ``train_shards`` is the expanded shard list; ``captions`` (an iterable of training captions) is
+    consumed only when a WordPiece has to be trained.
+    """
+    if spec != "auto":
+        if spec.endswith(".json") and Path(spec).is_file():
+            return load_tokenizer_file(spec)
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(spec)
+        except Exception as e:  # OSError offline, ValueError for unknown names
+            raise ValueError(f"data.tokenizer={spec!r}: not 'auto', not a tokenizer.json file, and "
+                             f"transformers.AutoTokenizer could not load it ({e})") from e
+    if train_shards:
+        first = Path(sorted(train_shards)[0]).parent
+        for cand in (first / "tokenizer.json", first.parent / "tokenizer.json"):
+            if cand.is_file():
+                return load_tokenizer_file(cand)
+    cached = Path(cache_dir) / f"{shard_list_hash(train_shards)}-{vocab_size}.json"
+    if cached.is_file():
+        return load_tokenizer_file(cached)
+    if captions is None:
+        raise ValueError("data.tokenizer='auto' found no tokenizer.json beside the train shards and has no "
+                         "captions to train a WordPiece on")
+    tok = train_wordpiece(captions, vocab_size=vocab_size)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    # temp file + rename: concurrent runs never read a half-written tokenizer
+    fd, tmp = tempfile.mkstemp(prefix=".tok-", suffix=".json", dir=cached.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(tok.backend_tokenizer.to_str())
+    os.replace(tmp, cached)
+    return tok
