@@ -25,7 +25,6 @@ fine for the synthetic world's validation split, which is the only data that has
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -90,17 +89,6 @@ def first_occurrences(ids: Tensor) -> Tensor:
     pos = torch.arange(ids.numel(), device=ids.device)
     first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.long, device=ids.device)
     return first.scatter_reduce(0, inverse, pos, reduce="amin")
-
-
-def stable_id(text: str) -> int:
-    """A signed 64-bit id for a string that is the same in every process (Python's `hash` is salted per
-    process, so two ranks would disagree on the id of the same caption)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
-
-
-def text_ids(keys: Sequence[str], captions: Sequence[str]) -> Tensor:
-    """Ids that identify one caption item: (sample key, caption text)."""
-    return torch.tensor([stable_id(f"{k}\x1f{c}") for k, c in zip(keys, captions)], dtype=torch.long)
 
 
 @dataclass
@@ -190,8 +178,8 @@ class RetrievalMetric(Metric):
     """Accumulates one validation epoch of (image, caption) items and computes `retrieval_metrics`.
 
     ``update`` takes per-item tensors for a batch: image and text embeddings ``[B, D]``, ``image_id``
-    ``[B]`` (the same for every caption of one image), ``text_id`` ``[B]`` (one per caption item, see
-    `text_ids`), optional log-std ``[B]`` and optional per-item extras (e.g. ``specificity``), which come
+    ``[B]`` (the same for every caption of one image), ``text_id`` ``[B]`` (one per caption item; equal
+    (image_id, text_id) pairs are treated as one item), optional log-std ``[B]`` and optional per-item extras (e.g. ``specificity``), which come
     back deduplicated in `RetrievalResult`. List states with ``dist_reduce_fx="cat"`` gather every rank's
     items; ``compute`` then keeps one row per image id and per (image id, text id), which removes the
     repeats of the validation layout and the duplicates added by distributed padding.

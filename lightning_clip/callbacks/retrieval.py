@@ -1,0 +1,143 @@
+"""Image-text retrieval at the end of each validation epoch: recall@1/5/10, median and mean rank, and
+semantic recall@k on the synthetic world.
+
+Reads what `ClipModule.validation_step` returns: ``{"emb": Embeddings, "meta": batch["meta"]}``. Every
+rank's embeddings are gathered by `RetrievalMetric` (torchmetrics list states), so the values are global
+and logged with ``sync_dist=False``. Ranking uses ``pl_module.loss.similarity``: cosine for most families,
+the family's own likelihood score for those that override it (probabilistic), so each family is ranked by
+the match it was trained for.
+
+Semantic relevance needs each image's scene and each caption's constraints (synthetic data only): they are
+collected per id here, gathered across ranks as python objects, and turned into a relevance matrix by
+`lightning_clip.data.synthetic.relevance_matrix`. Real data has ``None`` there and gets no semantic keys.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_clip.metrics import DEFAULT_CHUNK, DEFAULT_KS, RetrievalMetric, RetrievalResult
+
+IMAGE_EXTRAS = ("num_objects",)
+TEXT_EXTRAS = ("specificity",)
+
+
+def _as_long(value: Any, n: int, device) -> Tensor:
+    return torch.as_tensor(value, dtype=torch.long, device=device).reshape(n)
+
+
+def caption_ids(meta: dict, n: int) -> Tensor:
+    """One id per caption item: the data's own ``text_id`` when it has one, else a process-independent hash
+    of (sample key, caption text). Equal (image_id, caption id) pairs are one item (distributed padding)."""
+    if meta.get("text_id") is not None:
+        return _as_long(meta["text_id"], n, "cpu")
+    keys, captions = meta.get("key"), meta.get("caption")
+    if keys is None and captions is None:
+        raise KeyError("retrieval needs meta['text_id'], meta['key'] or meta['caption'] to tell caption items apart")
+    from lightning_clip.data.synthetic import stable_id  # the project's one cross-process string hash
+
+    keys = keys if keys is not None else [""] * n
+    captions = captions if captions is not None else [""] * n
+    return torch.tensor([stable_id(f"{k}\x1f{c}") for k, c in zip(keys, captions)], dtype=torch.long)
+
+
+def _gather_objects(local: dict) -> dict:
+    """Merge a dict from every rank (python objects; torchmetrics only gathers tensors)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict = {}
+    for p in parts:
+        merged.update(p)
+    return merged
+
+
+class RetrievalCallback(L.Callback):
+    """Logs ``val/{i2t,t2i}/R@k``, ``val/{i2t,t2i}/{median,mean}_rank`` and, on synthetic data,
+    ``val/semantic/{i2t,t2i}/R@k``. ``last_metrics`` keeps the last logged values (floats)."""
+
+    def __init__(self, ks: Sequence[int] = DEFAULT_KS, chunk_size: int = DEFAULT_CHUNK, prefix: str = "val"):
+        self.ks = tuple(ks)
+        self.chunk_size = chunk_size
+        self.prefix = prefix
+        self.metric: Optional[RetrievalMetric] = None
+        self.last_metrics: dict[str, float] = {}
+        self._scenes: dict[int, Any] = {}
+        self._constraints: dict[int, Any] = {}
+        self._result: Optional[RetrievalResult] = None
+        self._computed = False
+
+    # -- accumulation --------------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        loss = getattr(pl_module, "loss", None)
+        self.metric = RetrievalMetric(similarity=getattr(loss, "similarity", None), ks=self.ks,
+                                      chunk_size=self.chunk_size, relevance_fn=self._relevance,
+                                      image_extras=IMAGE_EXTRAS, text_extras=TEXT_EXTRAS).to(pl_module.device)
+        self._scenes, self._constraints = {}, {}
+        self._result, self._computed = None, False
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not isinstance(outputs, dict) or "emb" not in outputs:
+            raise TypeError("RetrievalCallback needs validation_step to return {'emb': Embeddings, 'meta': "
+                            f"batch['meta']}}; got {type(outputs).__name__}")
+        emb, meta = outputs["emb"], outputs.get("meta") or {}
+        if meta.get("image_id") is None:
+            raise KeyError("RetrievalCallback needs meta['image_id'] (one id per source image) to group the "
+                           "captions of one image")
+        n, device = emb.batch_size, self.metric.device
+        image_id = _as_long(meta["image_id"], n, device)
+        text_id = caption_ids(meta, n).to(device)
+        extras = {f"image_{e}": _as_long(meta[e], n, device) for e in IMAGE_EXTRAS if meta.get(e) is not None}
+        extras.update({f"text_{e}": _as_long(meta[e], n, device) for e in TEXT_EXTRAS if meta.get(e) is not None})
+        self.metric.update(emb.image, emb.text, image_id, text_id, image_ln_std=emb.image_ln_std,
+                           text_ln_std=emb.text_ln_std, **extras)
+        scenes, constraints = meta.get("scene"), meta.get("constraints")
+        for i in range(n):
+            if scenes is not None and scenes[i] is not None:
+                self._scenes[int(image_id[i])] = scenes[i]
+            if constraints is not None and constraints[i] is not None:
+                self._constraints[int(text_id[i])] = constraints[i]
+
+    def _relevance(self, image_ids: Tensor, text_ids: Tensor) -> Optional[Tensor]:
+        """bool [n_texts, n_images] from the oracle, or None unless every item has ground truth."""
+        scenes = [self._scenes.get(int(i)) for i in image_ids]
+        constraints = [self._constraints.get(int(t)) for t in text_ids]
+        if any(s is None for s in scenes) or any(c is None for c in constraints):
+            return None
+        from lightning_clip.data.synthetic import relevance_matrix
+
+        return relevance_matrix(constraints, scenes)
+
+    # -- results ---------------------------------------------------------------------------------------
+    def result(self, trainer, pl_module) -> Optional[RetrievalResult]:
+        """This epoch's `RetrievalResult`, computed once (other callbacks, e.g. variance, share it). A
+        collective under DDP: every rank must call it. None when validation saw no batch."""
+        if not self._computed:
+            self._computed = True
+            if self.metric is None or self.metric.update_count == 0:
+                return None
+            # the oracle's inputs live in python dicts: gather them before the metric gathers tensors
+            self._scenes = _gather_objects(self._scenes)
+            self._constraints = _gather_objects(self._constraints)
+            self.metric.compute()
+            self._result = self.metric.last_result
+            self.metric.reset()  # free the gathered embeddings; the ranks stay in the result
+        return self._result
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:  # a couple of batches, not a measurement
+            return
+        res = self.result(trainer, pl_module)
+        if res is None:
+            return
+        self.last_metrics = {}
+        for name, value in res.metrics.items():
+            key = f"{self.prefix}/{name}"
+            # already global (the metric gathered every rank), so no second reduction
+            pl_module.log(key, value, sync_dist=False, on_step=False, on_epoch=True, batch_size=1)
+            self.last_metrics[key] = float(value)
