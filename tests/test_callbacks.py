@@ -355,6 +355,7 @@ def test_clip_module_fit_logs_callback_tags(tmp_path, loss):
     cli.main(["fit", "--config", "experiments/base.yaml", "--config", "experiments/smoke.yaml",
               f"--run_dir={run}", f"--model.loss={loss}", "--trainer.max_steps=2", "--trainer.limit_train_batches=2",
               "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2", "--trainer.accelerator=cpu",
+              "--trainer.log_every_n_steps=1",
               f"--data.train_shards={shards / 'train'}", f"--data.val_shards={shards / 'val'}",
               "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=0",
               "--model.image_model_args={patch_size: 8}"])
