@@ -1,0 +1,210 @@
+"""ClipDataModule: the batch contract, worker splitting, epochs, batching modes, bad input."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from webdataset import TarWriter
+
+from lightning_clip.data import ClipDataModule, synthetic as syn
+from lightning_clip.data.shards import BadSampleError, DataWarning, expand_shards
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return syn.generate(tmp_path_factory.mktemp("world"), num_train=40, num_val=12, seed=0)
+
+
+def _dm(world, **kw) -> ClipDataModule:
+    kw = {"train_shards": str(world / "train"), "val_shards": str(world / "val"), "batch_size": 8,
+          "num_workers": 0, "epoch_length": 32, "shuffle_buffer": 16, **kw}
+    dm = ClipDataModule(**kw)
+    dm.setup("fit")
+    return dm
+
+
+def _val_keys(world) -> list[str]:
+    keys = []
+    for shard in sorted((world / "val").glob("*.tar")):
+        with tarfile.open(shard) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(t.extractfile(m).read())
+                    keys += [f"{meta['key']}#{k}" for k in range(len(meta["all_captions"]))]
+    return keys
+
+
+def test_batch_follows_the_contract(world):
+    dm = _dm(world)
+    assert dm.vocab_size == len(syn.vocabulary()) + 4 and dm.pad_token_id == 0
+    b = next(iter(dm.train_dataloader()))
+    assert b["image"].shape == (8, 3, 64, 64) and b["image"].dtype == torch.float32
+    assert b["input_ids"].shape == b["attention_mask"].shape == (8, 32)
+    assert b["input_ids"].dtype == b["attention_mask"].dtype == torch.long
+    assert torch.equal(b["input_ids"] == 0, b["attention_mask"] == 0)
+    m = b["meta"]
+    assert set(m) == {"key", "caption", "image_id", "image_group", "text_group", "specificity", "num_objects",
+                      "scene", "constraints"}
+    for name in ("image_id", "image_group", "text_group", "specificity", "num_objects"):
+        assert m[name].shape == (8,) and m[name].dtype == torch.long
+    assert all(1 <= s <= 4 for s in m["specificity"].tolist())
+    for c, s, n, cap in zip(m["constraints"], m["scene"], m["num_objects"].tolist(), m["caption"]):
+        assert syn.matches(c, s) and n == len(s["objects"])
+    # the tokens are the caption's words, one token each, between [CLS] and [SEP]
+    words = m["caption"][0].replace(",", " , ").split()
+    ids = b["input_ids"][0][b["attention_mask"][0].bool()].tolist()
+    assert dm.tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", *words, "[SEP]"]
+
+
+def test_validation_sees_every_caption_once_with_two_workers(world):
+    dm = _dm(world, num_workers=2, val_batch_size=7)
+    expected = _val_keys(world)
+    loader = dm.val_dataloader()
+    passes = [[k for b in loader for k in b["meta"]["key"]] for _ in range(2)]
+    assert len(expected) == 60
+    assert Counter(passes[0]) == Counter(expected)  # nothing lost, nothing twice
+    assert passes[0] == passes[1]                   # deterministic order
+    by_id = {}
+    for b in loader:                                # captions of one image share id and group
+        for i, g in zip(b["meta"]["image_id"].tolist(), b["meta"]["image_group"].tolist()):
+            assert by_id.setdefault(i, g) == g
+    assert len(by_id) == 12
+
+
+def test_validation_split_across_nodes_without_loss(world):
+    seen = []
+    for rank in range(3):
+        dm = _dm(world)
+        dm._world = lambda rank=rank: (rank, 3)
+        dm.setup("validate")
+        seen += [k for b in dm.val_dataloader() for k in b["meta"]["key"]]
+    assert Counter(seen) == Counter(_val_keys(world))
+
+
+def test_training_epochs_have_fixed_length_and_differ(world):
+    dm = _dm(world, epoch_length=40, batch_size=8)
+    loader = dm.train_dataloader()
+    e1 = [k for b in loader for k in b["meta"]["key"]]
+    e2 = [k for b in loader for k in b["meta"]["key"]]
+    assert len(loader) == 5 and len(e1) == len(e2) == 40
+    assert e1 != e2
+    again = _dm(world, epoch_length=40, batch_size=8).train_dataloader()
+    assert [k for b in again for k in b["meta"]["key"]] == e1   # same seed, same stream
+
+
+def test_caption_batching_repeats_images_with_shared_groups(world):
+    dm = _dm(world, batching="caption", batch_size=10)
+    b = next(iter(dm.train_dataloader()))
+    counts = Counter(b["meta"]["image_id"].tolist())
+    assert max(counts.values()) >= 2
+    for i in counts:
+        sel = b["meta"]["image_id"] == i
+        assert b["meta"]["image_group"][sel].unique().numel() == 1
+        assert torch.equal(b["meta"]["image_group"][sel], b["meta"]["text_group"][sel])
+
+
+def test_generate_option_builds_the_world_before_setup(tmp_path):
+    root = tmp_path / "gen"
+    dm = ClipDataModule(str(root / "train"), str(root / "val"), batch_size=4, num_workers=0, epoch_length=8,
+                        generate={"seed": 1, "num_train": 12, "num_val": 4, "image_size": 32}, image_size=32)
+    assert dm.vocab_size == len(syn.vocabulary()) + 4 and not root.exists()
+    dm.setup("fit")
+    assert (root / "tokenizer.json").is_file() and len(expand_shards(str(root / "val"))) == 4
+    assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="<root>/train"):
+        ClipDataModule(str(tmp_path / "a/tr"), str(tmp_path / "a/val"), generate={"num_train": 4})
+
+
+def test_pattern_matching_nothing_fails_with_the_pattern(world, tmp_path):
+    pattern = str(tmp_path / "nowhere/shard-{000000..000003}.tar")
+    dm = ClipDataModule(str(world / "train"), pattern, num_workers=0)
+    with pytest.raises(FileNotFoundError, match="nowhere/shard-"):
+        dm.setup("validate")
+    # the three accepted forms agree
+    brace = str(world / "val/shard-{000000..000003}.tar")
+    assert expand_shards(str(world / "val")) == expand_shards(brace) == expand_shards(str(world / "val/*.tar"))
+    with pytest.raises(ValueError, match="data.batching='words'"):
+        ClipDataModule(str(world / "train"), batching="words")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _jpeg() -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+BAD = {
+    "undecodable": ({"jpg": b"not an image", "txt": b"a red square"}, "undecodable image"),
+    "nocaption": ({"jpg": None, "json": b'{"key": "x"}'}, "missing caption"),
+    "badjson": ({"jpg": None, "txt": b"a red square", "json": b'{"caption": '}, "malformed JSON"),
+}
+
+
+def _write(path: Path, samples: dict[str, dict]) -> None:
+    with TarWriter(str(path), encoder=False, mtime=0.0) as w:
+        for key, files in samples.items():
+            w.write({"__key__": key, **{e: (v if v is not None else _jpeg()) for e, v in files.items()}})
+
+
+@pytest.fixture
+def bad_shards(tmp_path) -> Path:
+    d = tmp_path / "bad"
+    d.mkdir()
+    good = {"jpg": None, "txt": b"a red square"}
+    # img2dataset's own layout: a json without all_captions, or only a txt
+    _write(d / "a-000000.tar", {"good0": good, **{k: v for k, (v, _) in BAD.items()},
+                               "i2d": {"jpg": None, "json": b'{"caption": "a red square", "key": "i2d"}'}})
+    _write(d / "a-000001.tar", {f"good{i}": good for i in range(1, 7)})
+    raw = (d / "a-000001.tar").read_bytes()
+    (d / "a-000001.tar").write_bytes(raw[:3 * 512 + 700])  # cut inside the second member's data
+    return d
+
+
+def _read_all(d, **kw):
+    dm = ClipDataModule(str(d), str(d), batch_size=4, num_workers=kw.pop("num_workers", 0),
+                        tokenizer=kw.pop("tokenizer"), **kw)
+    dm.setup("validate")
+    return dm, [k for b in dm.val_dataloader() for k in b["meta"]["key"]]
+
+
+@pytest.fixture
+def tok(world):
+    return str(world / "tokenizer.json")
+
+
+def test_bad_samples_are_skipped_with_shard_and_key_and_counted(bad_shards, tok):
+    with pytest.warns(DataWarning) as rec:
+        dm, keys = _read_all(bad_shards, tokenizer=tok)
+    assert keys == ["good0#0", "i2d#0"]
+    msgs = [str(w.message) for w in rec]
+    for key, (_, reason) in BAD.items():
+        assert any(f"a-000000.tar, key {key}: {reason}" in m for m in msgs), (key, msgs)
+    assert any("a-000001.tar, key good1: truncated" in m and "good1.jpg" in m for m in msgs), msgs
+    assert dm.skipped == 4
+
+
+def test_skips_in_workers_are_counted_in_the_main_process(bad_shards, tok):
+    dm, keys = _read_all(bad_shards, tokenizer=tok, num_workers=2)
+    assert sorted(keys) == ["good0#0", "i2d#0"] and dm.skipped == 4
+
+
+@pytest.mark.parametrize("key", [*BAD, "truncated"])
+def test_strict_raises_naming_shard_and_key(tmp_path, tok, key):
+    good = {"jpg": None, "txt": b"a red square"}
+    if key == "truncated":
+        _write(tmp_path / "s.tar", {"k0": good, "k1": good})
+        raw = (tmp_path / "s.tar").read_bytes()
+        (tmp_path / "s.tar").write_bytes(raw[:3 * 512 + 700])
+        shard, reason = "s.tar, key k0", "truncated"
+    else:
+        _write(tmp_path / "s.tar", {"k0": good, key: BAD[key][0]})
+        shard, reason = f"s.tar, key {key}", BAD[key][1]
+    with pytest.raises(BadSampleError, match=rf"{shard}: {reason}.*strict"):
+        _read_all(tmp_path, tokenizer=tok, strict=True)
