@@ -368,3 +368,51 @@ def test_clip_module_fit_logs_callback_tags(tmp_path, loss):
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["loss_family"] == loss and "val/t2i/R@1" in final
     assert hparams["loss"] == loss
+
+
+# -- distributed: two gloo processes see disjoint halves (plus padding repeats) and agree with one process ---
+def _ddp_worker(rank, world, port, items, image, text, queue):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # rank 0 takes the first 11 items, rank 1 the rest plus the first two again (DistributedSampler-style
+        # padding): uneven sizes, duplicates across ranks
+        idx = list(range(11)) if rank == 0 else list(range(11, len(items))) + [0, 1]
+        module = FakeModule(VarianceLoss())
+        run_validation([RetrievalCallback(), VarianceCallback()], module, [items[i] for i in idx], image[idx],
+                       text[idx], ln_std=(image[idx, 0], text[idx, 0]), batch=4)
+        queue.put((rank, module.logged))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~10 s: two spawned interpreters importing torch
+@pytest.mark.distributed
+def test_two_ranks_gather_and_deduplicate():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    items, image, text = world(n_images=8, caps=3)
+    single = FakeModule(VarianceLoss())
+    run_validation([RetrievalCallback(), VarianceCallback()], single, items, image, text,
+                   ln_std=(image[:, 0], text[:, 0]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, items, image, text, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert "val/semantic/t2i/R@1" in single.logged and "variance/text/spearman_specificity" in single.logged
+    for rank in (0, 1):
+        assert results[rank].keys() == single.logged.keys()
+        for k, v in single.logged.items():
+            assert results[rank][k] == pytest.approx(v, abs=1e-6), (rank, k)
