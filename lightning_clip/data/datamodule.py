@@ -279,6 +279,9 @@ class ClipDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self._train is None:
             self.setup("fit")
+        # Lightning warns that __len__ may be wrong with several workers; ours is exact (each worker
+        # yields batches_per_worker batches from its own seed), so the warning is only noise.
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
         return self._loader(self._train, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
