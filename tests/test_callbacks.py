@@ -221,8 +221,8 @@ def test_variance_callback_needs_retrieval():
 # -- results -------------------------------------------------------------------------------------------
 def test_results_writes_flat_json_atomically(tmp_path):
     module = FakeModule(InfoNCELoss())
-    trainer = fake_trainer(default_root_dir=str(tmp_path),
-                           callback_metrics={"val/t2i/R@1": torch.tensor(0.25), "train/loss": torch.tensor(float("nan"))})
+    metrics = {"val/t2i/R@1": torch.tensor(0.25), "train/loss": torch.tensor(float("nan"))}
+    trainer = fake_trainer(default_root_dir=str(tmp_path), callback_metrics=metrics)
     cb = ResultsCallback()
     cb.setup(trainer, module, "fit")
     cb.on_validation_end(trainer, module)

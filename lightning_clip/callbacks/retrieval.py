@@ -119,6 +119,8 @@ class RetrievalCallback(L.Callback):
         collective under DDP: every rank must call it. None when validation saw no batch."""
         if not self._computed:
             self._computed = True
+            # Under DDP every rank must have seen at least one batch (Lightning's samplers and the data
+            # module's node split guarantee it); a rank returning here would leave the others waiting.
             if self.metric is None or self.metric.update_count == 0:
                 return None
             # the oracle's inputs live in python dicts: gather them before the metric gathers tensors
