@@ -182,7 +182,8 @@ class RetrievalMetric(Metric):
     (image_id, text_id) pairs are treated as one item), optional log-std ``[B]`` and optional per-item
     extras (e.g. ``text_specificity``, declared in ``text_extras``), which come back deduplicated in
     `RetrievalResult`. List states with ``dist_reduce_fx="cat"`` gather every rank's items; ``compute``
-    then keeps one row per image id and per (image id, text id), which removes the repeats of the validation layout and the duplicates added by distributed padding.
+    then keeps one row per image id and per (image id, text id), which removes the repeats of the
+    validation layout and the duplicates added by distributed padding.
 
     ``relevance_fn(image_ids, text_ids) -> bool [Nt, Ni]`` (or None) switches on semantic recall; it is an
     attribute so a callback can point it at data it collects alongside. ``compute`` returns the metrics
