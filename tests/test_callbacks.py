@@ -335,6 +335,8 @@ def test_tiny_fit_writes_tags_json_and_hparams(tmp_path, variance):
     assert final["val/t2i/R@1"] == pytest.approx(acc.Scalars("val/t2i/R@1")[-1].value)
     assert final["loss_family"] == ("fake_variance" if variance else "infonce")
     assert final["step"] == 4
+    assert final["temperature/scale"] == pytest.approx(acc.Scalars("temperature/scale")[-1].value)
+    assert (final.get("variance/text/spearman_specificity") is not None) == variance
     assert hparams is not None and hparams["loss"] == final["loss_family"]
 
 
