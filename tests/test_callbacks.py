@@ -343,7 +343,7 @@ def test_tiny_fit_writes_tags_json_and_hparams(tmp_path, variance):
 # -- the project's own module and data, once both exist ---------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["infonce", "probabilistic"])
-def test_clip_module_fit_logs_callback_tags(tmp_path, loss):
+def test_clip_module_fit_logs_callback_tags(tmp_path, loss, monkeypatch):
     pytest.importorskip("lightning_clip.module", reason="ClipModule not available")
     cli = pytest.importorskip("lightning_clip.cli", reason="ClipModule not available")
     from lightning_clip.losses import LOSSES
@@ -354,6 +354,7 @@ def test_clip_module_fit_logs_callback_tags(tmp_path, loss):
 
     shards = generate(tmp_path / "data", num_train=64, num_val=16, image_size=32, num_captions=2)
     run = tmp_path / "run"
+    monkeypatch.setattr("sys.argv", ["lightning-clip"])  # LightningCLI warns when pytest's argv is also there
     cli.main(["fit", "--config", "experiments/base.yaml", "--config", "experiments/smoke.yaml",
               f"--run_dir={run}", f"--model.loss={loss}", "--trainer.max_steps=2", "--trainer.limit_train_batches=2",
               "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2", "--trainer.accelerator=cpu",
