@@ -1,0 +1,545 @@
+"""Tables, confidence intervals and plots of an ablation: `python -m lightning_clip.report --ablation NAME`.
+
+Reads runs/<ablation>/<cell>/seed_<k>/final_metrics.json (a run counts once that file exists: the
+results callback writes it atomically at the end) and the TensorBoard events beside it, and writes
+
+    results/<ablation>.md, .csv     one row per cell: mean and 95% Student-t interval over seeds, and the
+                                    difference from the baseline cell paired by seed, with its interval
+    results/<ablation>_curves.png   validation t2i R@1 and training loss against step (mean, band over seeds)
+    results/<ablation>_bars.png     R@1 per cell with intervals (grouped by series when the cell names
+                                    are `<series>-<prefix><number>`, e.g. `siglip-b64`, `infonce-dup25`)
+
+Every file is written to a temporary name and renamed into place, so an interruption never leaves a
+half table. The functions are the notebook's too (notebooks/compare_losses.ipynb).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as _dt
+import io
+import json
+import math
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+CURVE_TAGS = ("val/t2i/R@1", "train/loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    scale: float = 1.0   # 100 for recalls, shown in %
+    digits: int = 3
+    compare: bool = False  # in the paired-difference table
+
+
+# The table's columns, in order; a column appears only when some run logged the key (temperature/bias
+# exists for sigmoid losses only, the variance statistics for probabilistic ones).
+METRICS = (
+    Metric("val/i2t/R@1", "i2t R@1", 100, 1, True),
+    Metric("val/i2t/R@5", "i2t R@5", 100, 1),
+    Metric("val/i2t/R@10", "i2t R@10", 100, 1),
+    Metric("val/t2i/R@1", "t2i R@1", 100, 1, True),
+    Metric("val/t2i/R@5", "t2i R@5", 100, 1),
+    Metric("val/t2i/R@10", "t2i R@10", 100, 1),
+    Metric("val/semantic/t2i/R@1", "sem t2i R@1", 100, 1, True),
+    Metric("val/semantic/i2t/R@1", "sem i2t R@1", 100, 1, True),
+    Metric("variance/text/spearman_specificity", "ρ(text var, specificity)", 1, 3, True),
+    Metric("variance/image/spearman_num_objects", "ρ(image var, objects)", 1, 3, True),
+    Metric("variance/text/mean", "text var mean", 1, 4),
+    Metric("train/loss", "train loss", 1, 3),
+    Metric("temperature/scale", "scale", 1, 1),
+    Metric("temperature/bias", "bias", 1, 2),
+    Metric("step", "steps", 1, 0),
+    Metric("wall_time_s", "wall (s)", 1, 0),
+)
+BY_KEY = {m.key: m for m in METRICS}
+
+
+# ------------------------------------------------------------------------------------------ statistics
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Marked in the tables. With one seed there is no interval, so nothing is marked."""
+        return self.n >= 2 and (self.low > 0 or self.high < 0)
+
+
+NAN_INTERVAL = Interval(math.nan, math.nan, math.nan, 0)
+
+
+def t_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> Interval:
+    """Mean and two-sided Student-t interval: mean ± t_{(1+c)/2, n-1} · s / √n (s with n-1 in the
+    denominator). Seeds are few (3), so the normal 1.96 would claim a far narrower interval than t's 4.30."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return NAN_INTERVAL
+    mean = float(x.mean())
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1)
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def paired_difference(cell: Mapping[int, float], baseline: Mapping[int, float],
+                      confidence: float = CONFIDENCE) -> Interval:
+    """Interval of cell − baseline over the seeds both have. Pairing by seed removes what a seed does to
+    both (data order, initialisation), so it is narrower than comparing two independent intervals."""
+    seeds = sorted(set(cell) & set(baseline))
+    return t_interval([cell[s] - baseline[s] for s in seeds], confidence)
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _seed_of(path: Path) -> int | None:
+    m = re.fullmatch(r"seed_(\d+)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def read_manifest(ablation_dir: Path) -> dict:
+    """cells (in order), baseline and descriptions: runs/<ablation>/ablation.json from the runner, else
+    the cell folders in alphabetical order with no baseline."""
+    ablation_dir = Path(ablation_dir)
+    try:
+        return json.loads((ablation_dir / "ablation.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cells = sorted(p.name for p in ablation_dir.glob("*") if p.is_dir() and any(p.glob("seed_*")))
+        return dict(ablation=ablation_dir.name, baseline=None, cells=[dict(name=c, description="") for c in cells])
+
+
+def load_metrics(ablation_dir: Path, cells: Sequence[str] | None = None) -> dict[str, dict[int, dict[str, float]]]:
+    """{cell: {seed: {key: value}}} from every final_metrics.json (numbers only; `loss_family` and other
+    strings are dropped)."""
+    ablation_dir = Path(ablation_dir)
+    if cells is None:
+        cells = [c["name"] for c in read_manifest(ablation_dir)["cells"]]
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for cell in cells:
+        out[cell] = {}
+        for run_dir in sorted((ablation_dir / cell).glob("seed_*")):
+            seed = _seed_of(run_dir)
+            path = run_dir / "final_metrics.json"
+            if seed is None or not path.exists():
+                continue
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            out[cell][seed] = {k: float(v) for k, v in raw.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the table
+def _col(key: str, what: str) -> str:
+    return f"{key} {what}"
+
+
+def summarize(metrics: Mapping[str, Mapping[int, Mapping[str, float]]], baseline: str | None,
+              descriptions: Mapping[str, str] | None = None) -> list[dict]:
+    """One row per cell (the CSV's rows). Columns per metric key: `<key> mean`, `<key> ci_low`,
+    `<key> ci_high`, `<key> n`, and against the baseline `<key> diff`, `<key> diff_ci_low`,
+    `<key> diff_ci_high`, `<key> diff_n`, `<key> diff_sig` (1 when the interval excludes zero).
+    Values are raw (recall as a fraction); missing means not applicable."""
+    keys = present_keys(metrics)
+    base = metrics.get(baseline, {}) if baseline else {}
+    rows = []
+    for cell, seeds in metrics.items():
+        row: dict = dict(cell=cell, description=(descriptions or {}).get(cell, ""),
+                         baseline=int(cell == baseline), n_seeds=len(seeds))
+        for key in keys:
+            values = {s: m[key] for s, m in seeds.items() if key in m}
+            if not values:
+                continue
+            iv = t_interval(values.values())
+            row.update({_col(key, "mean"): iv.mean, _col(key, "ci_low"): iv.low, _col(key, "ci_high"): iv.high,
+                        _col(key, "n"): iv.n})
+            base_values = {s: m[key] for s, m in base.items() if key in m}
+            if baseline and cell != baseline and base_values:
+                d = paired_difference(values, base_values)
+                if d.n:
+                    row.update({_col(key, "diff"): d.mean, _col(key, "diff_ci_low"): d.low,
+                                _col(key, "diff_ci_high"): d.high, _col(key, "diff_n"): d.n,
+                                _col(key, "diff_sig"): int(d.excludes_zero)})
+        rows.append(row)
+    return rows
+
+
+def present_keys(metrics: Mapping[str, Mapping[int, Mapping[str, float]]]) -> list[str]:
+    """Known keys in table order, then any other numeric key (sorted), that some run logged."""
+    seen = {k for seeds in metrics.values() for m in seeds.values() for k in m}
+    return [m.key for m in METRICS if m.key in seen] + sorted(seen - set(BY_KEY) - {"epoch"})
+
+
+def csv_columns(rows: Sequence[dict]) -> list[str]:
+    head = ["cell", "description", "baseline", "n_seeds"]
+    rest = []
+    for row in rows:
+        rest += [k for k in row if k not in head and k not in rest]
+    order = {k: i for i, k in enumerate(BY_KEY)}
+    # group by metric, in table order
+    return head + sorted(rest, key=lambda c: (order.get(c.rsplit(" ", 1)[0], len(order)), c.rsplit(" ", 1)[0],
+                                              rest.index(c)))
+
+
+def to_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=csv_columns(rows), lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else (repr(v) if isinstance(v, float) else v))
+                    for k, v in row.items()})
+    return buf.getvalue()
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """The rows of a results CSV, numbers as floats (ints for counts and flags), blanks left out."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for k, v in raw.items():
+                if v in ("", None):
+                    continue
+                if k in ("cell", "description"):
+                    row[k] = v
+                elif k in ("baseline", "n_seeds") or k.endswith((" n", " diff_n", " diff_sig")):
+                    row[k] = int(v)
+                else:
+                    row[k] = float(v)
+            rows.append(row)
+    return rows
+
+
+def _fmt(x: float, metric: Metric) -> str:
+    return f"{x * metric.scale:.{metric.digits}f}"
+
+
+def _metric(key: str) -> Metric:
+    return BY_KEY.get(key) or Metric(key, key)
+
+
+def _keys_of(rows: Sequence[dict], what: str = "mean") -> list[str]:
+    keys = []
+    for row in rows:
+        for col in row:
+            key, _, suffix = col.rpartition(" ")
+            if suffix == what and key not in keys:
+                keys.append(key)
+    order = list(BY_KEY)
+    return sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
+
+
+def format_markdown(rows: Sequence[dict], ablation: str, *, confidence: float = CONFIDENCE,
+                    source: str | None = None, stamp: str | None = None) -> str:
+    """The results/<ablation>.md text: the table of means ± half-widths, then the paired differences."""
+    keys = _keys_of(rows)
+    baseline = next((r["cell"] for r in rows if r.get("baseline")), None)
+    seeds = sorted({r.get("n_seeds", 0) for r in rows})
+    pct = int(round(confidence * 100))
+    lines = [f"# Ablation `{ablation}`", ""]
+    lines.append(f"Mean ± half-width of the {pct}% Student-t interval over seeds "
+                 f"({'/'.join(map(str, seeds))} seeds per cell); recall in % on the validation split"
+                 + (f"; baseline `{baseline}`." if baseline else "."))
+    if stamp:
+        lines.append(stamp)
+    lines += ["", "| cell | seeds | " + " | ".join(_metric(k).label for k in keys) + " |",
+              "|---|---:|" + "---:|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            m, mean = _metric(k), r.get(_col(k, "mean"))
+            if mean is None:
+                cells.append("")
+            elif r.get(_col(k, "n"), 0) >= 2:
+                cells.append(f"{_fmt(mean, m)} ± {_fmt((r[_col(k, 'ci_high')] - r[_col(k, 'ci_low')]) / 2, m)}")
+            else:
+                cells.append(_fmt(mean, m))
+        name = f"`{r['cell']}`" + (" (baseline)" if r.get("baseline") else "")
+        lines.append(f"| {name} | {r.get('n_seeds', 0)} | " + " | ".join(cells) + " |")
+
+    diff_keys = [k for k in _keys_of(rows, "diff") if _metric(k).compare]
+    if baseline and diff_keys:
+        lines += ["", f"## Difference from `{baseline}`, paired by seed", "",
+                  f"cell − baseline on the seeds both ran: mean [{pct}% interval]; **bold** where the interval "
+                  "excludes zero.", "",
+                  "| cell | " + " | ".join(_metric(k).label for k in diff_keys) + " |",
+                  "|---|" + "---:|" * len(diff_keys)]
+        for r in rows:
+            if r.get("baseline"):
+                continue
+            cells = []
+            for k in diff_keys:
+                m, d = _metric(k), r.get(_col(k, "diff"))
+                if d is None:
+                    cells.append("")
+                    continue
+                text = f"{_fmt(d, m):s}" if d < 0 else f"+{_fmt(d, m)}"
+                if r.get(_col(k, "diff_n"), 0) >= 2:
+                    text += f" [{_fmt(r[_col(k, 'diff_ci_low')], m)}, {_fmt(r[_col(k, 'diff_ci_high')], m)}]"
+                cells.append(f"**{text}**" if r.get(_col(k, "diff_sig")) else text)
+            lines.append(f"| `{r['cell']}` | " + " | ".join(cells) + " |")
+
+    described = [r for r in rows if r.get("description")]
+    if described:
+        lines += ["", "## Cells", ""] + [f"- `{r['cell']}`: {r['description']}" for r in described]
+    if source:
+        lines += ["", f"Source: `{source}` (final_metrics.json of each run)."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- curves
+def load_scalars(run_dir: str | os.PathLike, tags: Sequence[str] = CURVE_TAGS) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tag: (steps, values)} from the TensorBoard event files of one run (tags it lacks are left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    have = set(acc.Tags().get("scalars", []))
+    out = {}
+    for tag in tags:
+        if tag in have:
+            events = acc.Scalars(tag)
+            out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=float))
+    return out
+
+
+def load_curves(ablation_dir: str | os.PathLike, cells: Sequence[str] | None = None,
+                tags: Sequence[str] = CURVE_TAGS) -> dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]]:
+    """{cell: {tag: [(steps, values) per seed]}} for the runs that finished (final_metrics.json)."""
+    ablation_dir = Path(ablation_dir)
+    if cells is None:
+        cells = [c["name"] for c in read_manifest(ablation_dir)["cells"]]
+    curves: dict = {}
+    for cell in cells:
+        curves[cell] = {}
+        for run_dir in sorted((ablation_dir / cell).glob("seed_*")):
+            if not (run_dir / "final_metrics.json").exists():
+                continue
+            for tag, series in load_scalars(run_dir, tags).items():
+                curves[cell].setdefault(tag, []).append(series)
+    return curves
+
+
+def mean_band(series: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps, mean and standard deviation over seeds at every logged step (seeds log the same steps;
+    a step some seed lacks averages over those that have it)."""
+    steps = np.unique(np.concatenate([s for s, _ in series]))
+    mean, std = np.empty(len(steps)), np.zeros(len(steps))
+    for i, step in enumerate(steps):
+        vals = np.array([v[s == step][-1] for s, v in series if np.any(s == step)])
+        mean[i] = vals.mean()
+        std[i] = vals.std(ddof=1) if len(vals) > 1 else 0.0
+    return steps, mean, std
+
+
+def _figure(ncols: int, width: float = 6.0, height: float = 4.2):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _colors(cells: Sequence[str], baseline: str | None) -> dict[str, object]:
+    from matplotlib import colormaps
+
+    others = [c for c in cells if c != baseline]
+    cmap = colormaps["tab10" if len(others) <= 10 else "tab20"]
+    colors = {c: cmap(i % cmap.N) for i, c in enumerate(others)}
+    if baseline:
+        colors[baseline] = "black"
+    return colors
+
+
+TAG_LABELS = {"val/t2i/R@1": ("validation t2i R@1 (%)", 100.0), "train/loss": ("training loss", 1.0),
+              "val/i2t/R@1": ("validation i2t R@1 (%)", 100.0)}
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, list]], *, baseline: str | None = None, title: str = "",
+                tags: Sequence[str] = CURVE_TAGS):
+    """One panel per tag, one line per cell (mean over seeds) with a ±1 s.d. band; the baseline in black."""
+    fig, axes = _figure(len(tags))
+    colors = _colors(list(curves), baseline)
+    for ax, tag in zip(axes, tags):
+        label, scale = TAG_LABELS.get(tag, (tag, 1.0))
+        for cell, by_tag in curves.items():
+            if not by_tag.get(tag):
+                continue
+            steps, mean, std = mean_band(by_tag[tag])
+            n = len(by_tag[tag])
+            lw = 2.4 if cell == baseline else 1.5
+            ax.plot(steps, mean * scale, color=colors[cell], lw=lw, marker="o" if len(steps) < 8 else None, ms=3,
+                    label=f"{cell}{' (baseline)' if cell == baseline else ''} (n={n})")
+            if n > 1:
+                ax.fill_between(steps, (mean - std) * scale, (mean + std) * scale, color=colors[cell], alpha=0.15, lw=0)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no TensorBoard scalars found", ha="center", va="center", transform=ax.transAxes)
+    else:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False)
+    fig.suptitle(f"{title + ': ' if title else ''}mean over seeds, band ±1 s.d.")
+    return fig
+
+
+SERIES_RE = re.compile(r"^(?P<series>.+)-(?P<prefix>[a-z]+)(?P<x>\d+)$")
+PREFIX_LABELS = {"b": "batch size", "dup": "duplicate rate (%)"}
+
+
+def _series(cells: Sequence[str]) -> tuple[dict[str, tuple[str, int]], str] | None:
+    """cell -> (series, x) when every cell is named `<series>-<prefix><number>` with one prefix and
+    several numbers (batch_size: `siglip-b64`; duplicates: `infonce-dup25`), else None."""
+    parsed = {c: SERIES_RE.match(c) for c in cells}
+    if not cells or not all(parsed.values()):
+        return None
+    prefixes = {m["prefix"] for m in parsed.values()}
+    xs = {int(m["x"]) for m in parsed.values()}
+    if len(prefixes) != 1 or len(xs) < 2:
+        return None
+    prefix = prefixes.pop()
+    return {c: (m["series"], int(m["x"])) for c, m in parsed.items()}, PREFIX_LABELS.get(prefix, prefix)
+
+
+def plot_bars(rows: Sequence[dict], *, title: str = "", keys: Sequence[str] | None = None):
+    """R@1 (and the variance correlations where present) per cell with 95% intervals as error bars; the
+    baseline's mean as a dashed line. Cells that form series over a number are grouped by that number."""
+    if keys is None:
+        wanted = ["val/t2i/R@1", "val/i2t/R@1", "val/semantic/t2i/R@1", "variance/text/spearman_specificity",
+                  "variance/image/spearman_num_objects"]
+        have = set(_keys_of(rows))
+        keys = [k for k in wanted if k in have] or ["val/t2i/R@1"]
+    fig, axes = _figure(len(keys), width=max(4.5, 0.55 * len(rows) + 2.5) if len(keys) < 3 else 5.0, height=4.6)
+    cells = [r["cell"] for r in rows]
+    baseline = next((r["cell"] for r in rows if r.get("baseline")), None)
+    colors = _colors(cells, baseline)
+    grouped = _series(cells)
+    for ax, key in zip(axes, keys):
+        m = _metric(key)
+        mean = np.array([r.get(_col(key, "mean"), np.nan) for r in rows]) * m.scale
+        err = np.array([(r[_col(key, "ci_high")] - r[_col(key, "ci_low")]) / 2 if _col(key, "ci_high") in r
+                        else 0.0 for r in rows]) * m.scale
+        if grouped:
+            mapping, xlabel = grouped
+            series = list(dict.fromkeys(s for s, _ in mapping.values()))
+            xs = sorted({x for _, x in mapping.values()})
+            width = 0.8 / len(series)
+            scolors = _colors(series, None)
+            for j, s in enumerate(series):
+                idx = [i for i, c in enumerate(cells) if mapping[c][0] == s]
+                pos = [xs.index(mapping[cells[i]][1]) - 0.4 + width * (j + 0.5) for i in idx]
+                ax.bar(pos, mean[idx], width, yerr=err[idx], capsize=3, color=scolors[s], label=s)
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+            ax.set_xlabel(xlabel)
+            ax.legend(fontsize="small", frameon=False)
+        else:
+            ax.bar(range(len(cells)), mean, 0.7, yerr=err, capsize=3, color=[colors[c] for c in cells])
+            ax.set_xticks(range(len(cells)), cells, rotation=35, ha="right", fontsize="small")
+            if baseline is not None:
+                b = cells.index(baseline)
+                if np.isfinite(mean[b]):
+                    ax.axhline(mean[b], color="black", ls="--", lw=1, label=f"baseline {baseline}")
+                    ax.legend(fontsize="small", frameon=False)
+        label = m.label + (" (%)" if m.scale == 100 else "")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{title + ': ' if title else ''}mean over seeds, error bars {int(CONFIDENCE * 100)}% t-interval")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ writing
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write to `<path>.<pid>.tmp` in the same folder, then rename over `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return atomic_write(path, buf.getvalue())
+
+
+def _machine() -> str:
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_dir: str | os.PathLike = "results",
+                 *, plots: bool = True) -> dict[str, Path]:
+    """Everything for one ablation; returns {kind: path} of what it wrote."""
+    ablation_dir = Path(runs_dir) / ablation
+    if not ablation_dir.is_dir():
+        raise FileNotFoundError(f"no runs for ablation '{ablation}': {ablation_dir} does not exist")
+    manifest = read_manifest(ablation_dir)
+    cells = [c["name"] for c in manifest["cells"]]
+    metrics = load_metrics(ablation_dir, cells)
+    if not any(metrics.values()):
+        raise FileNotFoundError(f"no finished run under {ablation_dir} (no */seed_*/final_metrics.json)")
+    rows = summarize(metrics, manifest.get("baseline"), {c["name"]: c.get("description", "") for c in manifest["cells"]})
+    results_dir = Path(results_dir)
+    stamp = f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} on {_machine()}."
+    written = {
+        "csv": atomic_write(results_dir / f"{ablation}.csv", to_csv(rows)),
+        "md": atomic_write(results_dir / f"{ablation}.md",
+                           format_markdown(rows, ablation, source=ablation_dir.as_posix(), stamp=stamp)),
+    }
+    if plots:
+        written["bars"] = save_figure(plot_bars(rows, title=ablation), results_dir / f"{ablation}_bars.png")
+        curves = load_curves(ablation_dir, cells)
+        if any(curves.values()):
+            written["curves"] = save_figure(plot_curves(curves, baseline=manifest.get("baseline"), title=ablation),
+                                            results_dir / f"{ablation}_curves.png")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lightning_clip.report", description=__doc__.split("\n")[0])
+    p.add_argument("--ablation", nargs="+", metavar="NAME", help="default: every folder of --runs-dir with runs")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--results-dir", type=Path, default=Path("results"))
+    p.add_argument("--no-plots", action="store_true")
+    a = p.parse_args(argv)
+    names = a.ablation or sorted(d.name for d in a.runs_dir.glob("*") if d.is_dir() and list(d.glob("*/seed_*")))
+    if not names:
+        p.error(f"no ablation runs under {a.runs_dir}")
+    for name in names:
+        written = write_report(name, a.runs_dir, a.results_dir, plots=not a.no_plots)
+        print(f"{name}: wrote " + ", ".join(str(x) for x in written.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
