@@ -137,17 +137,20 @@ def _bits(obj: dict, what: str) -> int:
         raise
 
 
-def _encode(items: Sequence[dict], what: str) -> tuple[torch.Tensor, int]:
-    width = max((len(x["objects"]) for x in items), default=0)
-    out = torch.zeros(len(items), max(width, 1), dtype=torch.int64)
+def _encode(items: Sequence[dict], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of attribute bitsets (0-padded) and the number of real entries per row."""
+    width = max((len(x["objects"]) for x in items if x is not None), default=0)
+    out = torch.zeros(len(items), max(width, 1), dtype=torch.int32)  # 25 bits fit
+    counts = torch.zeros(len(items), dtype=torch.long)
     for i, x in enumerate(items):
         if x is None:
             raise ValueError(f"{what} {i} is None: real data has no ground truth for the oracle")
+        counts[i] = len(x["objects"])
         for j, o in enumerate(x["objects"]):
             out[i, j] = _bits(o, what)
-        # an all-zero row entry is "no object" for scenes (satisfies only empty descriptions) and
-        # "no constraint" for captions (satisfied by anything): both are what padding needs.
-    return out, width
+    # A zero entry is "no object" in a scene (it satisfies only an empty description) and "no
+    # constraint" in a caption (satisfied by anything): both are what padding needs.
+    return out, counts
 
 
 def relevance_matrix(constraints_list: Sequence[dict], scenes_list: Sequence[dict],
@@ -156,22 +159,34 @@ def relevance_matrix(constraints_list: Sequence[dict], scenes_list: Sequence[dic
 
     Each object is an attribute bitset (one bit per attribute value); a description is satisfied by an
     object when ``object & description == description``. Distinctness of the matched objects is
-    enforced by trying every permutation of the (padded, at most 3) object slots, vectorised.
+    enforced by trying every injective assignment of descriptions to (0-padded) object slots. Captions
+    are processed grouped by their number of descriptions k, so the common k = 1 costs one pass over
+    the slots instead of every permutation.
     """
     desc, n_desc = _encode(constraints_list, "constraints")
-    objs, n_obj = _encode(scenes_list, "scene")
-    slots = max(n_desc, n_obj, 1)
-    desc = torch.nn.functional.pad(desc, (0, slots - desc.shape[1]))
+    objs, _ = _encode(scenes_list, "scene")
+    slots = max(desc.shape[1], objs.shape[1])
     objs = torch.nn.functional.pad(objs, (0, slots - objs.shape[1]))
-    perms = torch.tensor(list(itertools.permutations(range(slots))), dtype=torch.long)  # [P, S]
-    out = torch.empty(len(constraints_list), len(scenes_list), dtype=torch.bool)
-    for start in range(0, desc.shape[0], chunk):
-        d = desc[start:start + chunk]                                    # [C, S]
-        # sat[c, i, a, b]: description a of caption c is satisfied by object b of image i
-        sat = (objs[None, :, None, :] & d[:, None, :, None]) == d[:, None, :, None]
-        # for each permutation p: all_a sat[c, i, a, p[a]]
-        per = sat[:, :, torch.arange(slots)[None, :], perms]              # [C, I, P, S]
-        out[start:start + chunk] = per.all(-1).any(-1)
+    out = torch.zeros(len(constraints_list), len(scenes_list), dtype=torch.bool)
+    for k in n_desc.unique().tolist():
+        rows = (n_desc == k).nonzero().squeeze(1)
+        if k == 0:
+            out[rows] = True
+            continue
+        assignments = list(itertools.permutations(range(slots), k))
+        for start in range(0, rows.numel(), chunk):
+            r = rows[start:start + chunk]
+            d = desc[r, :k]                                               # [C, k]
+            # sat[a][b]: [C, I], description a of caption c is satisfied by object b of image i
+            sat = [[(objs[None, :, b] & d[:, a, None]) == d[:, a, None] for b in range(slots)]
+                   for a in range(k)]
+            hit = torch.zeros(r.numel(), objs.shape[0], dtype=torch.bool)
+            for p in assignments:
+                ok = sat[0][p[0]].clone()
+                for a in range(1, k):
+                    ok &= sat[a][p[a]]
+                hit |= ok
+            out[r] = hit
     return out
 
 

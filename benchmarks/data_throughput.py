@@ -1,0 +1,128 @@
+"""Does data ever bottleneck training? Generation, loading and training throughput side by side.
+
+    python benchmarks/data_throughput.py [--num-train 4000] [--batches 60] [--steps 30]
+
+Prints
+- generation samples/s of the synthetic world (one process, 64x64, JPEG, written to shards);
+- loader samples/s of `ClipDataModule` at the default config (batch 64, 2 workers, shuffle buffer 1000),
+  steady state (the first batch, which includes worker start-up and the buffer fill, is excluded);
+- `relevance_matrix` time for 2,500 captions x 500 images (the semantic-recall oracle);
+- training-step samples/s of `ClipModule` with the model section of experiments/base.yaml, fed from
+  memory so that only the step is timed (when `lightning_clip.module` is importable).
+The loader must be at least 3x faster than the training step (issue 4).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lightning_clip.data import ClipDataModule, synthetic as syn  # noqa: E402
+
+
+def bench_generation(out: Path, n: int) -> float:
+    t0 = time.perf_counter()
+    syn.generate(out, num_train=n, num_val=500, seed=0)
+    return (n + 500) / (time.perf_counter() - t0)
+
+
+def bench_loader(root: Path, batches: int, workers: int = 2) -> tuple[float, ClipDataModule]:
+    dm = ClipDataModule(str(root / "train"), str(root / "val"), num_workers=workers,
+                        epoch_length=64 * (batches + 1))
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    next(it)  # start-up: worker fork, shuffle buffer fill
+    t0, n = time.perf_counter(), 0
+    for b in itertools.islice(it, batches):
+        n += b["image"].shape[0]
+    return n / (time.perf_counter() - t0), dm
+
+
+def bench_relevance(root: Path) -> float:
+    import json
+    import tarfile
+
+    caps, scenes = [], []
+    for shard in sorted((root / "val").glob("*.tar")):
+        with tarfile.open(shard) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(t.extractfile(m).read())
+                    scenes.append(meta["scene"])
+                    caps += [c["constraints"] for c in meta["captions"]]
+    t0 = time.perf_counter()
+    r = syn.relevance_matrix(caps, scenes)
+    dt = time.perf_counter() - t0
+    print(f"relevance_matrix {tuple(r.shape)}: {dt * 1000:.0f} ms  (mean relevance {r.float().mean():.3f})")
+    return dt
+
+
+def bench_training(dm: ClipDataModule, steps: int) -> float | None:
+    try:
+        from lightning_clip.module import ClipModule
+    except ImportError as e:
+        print(f"training step: skipped ({e})")
+        return None
+    import lightning as L
+    import yaml
+
+    model_cfg = yaml.safe_load((REPO / "experiments/base.yaml").read_text()).get("model", {})
+    model = ClipModule(**model_cfg, vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
+                       image_size=dm.image_size)
+    batches = list(itertools.islice(iter(dm.train_dataloader()), 4))
+    warm = 5
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, *a):
+            if trainer.global_step == warm:
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, trainer, *a):
+            self.dt = time.perf_counter() - self.t0
+
+    timer = Timer()
+    loader = torch.utils.data.DataLoader([batches[i % 4] for i in range(steps + warm)], batch_size=None)
+    trainer = L.Trainer(max_steps=steps + warm, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[timer])
+    trainer.fit(model, train_dataloaders=loader)
+    return steps * dm.batch_size / timer.dt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-train", type=int, default=4000)
+    p.add_argument("--batches", type=int, default=60)
+    p.add_argument("--steps", type=int, default=30)
+    a = p.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"cuda={torch.cuda.is_available()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "world"
+        gen = bench_generation(root, a.num_train)
+        print(f"generation (1 process, 64x64): {gen:,.0f} samples/s")
+        load, dm = bench_loader(root, a.batches)
+        print(f"loader (batch 64, 2 workers):  {load:,.0f} samples/s")
+        bench_relevance(root)
+        train = bench_training(dm, a.steps)
+        if train is not None:
+            print(f"training step (base.yaml model, batch 64): {train:,.0f} samples/s")
+            verdict = "OK" if load >= 3 * train else "LOADER TOO SLOW"
+            print(f"loader / training step = {load / train:.1f}x (need >= 3x): {verdict}")
+
+
+if __name__ == "__main__":
+    main()
