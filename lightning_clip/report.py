@@ -218,10 +218,10 @@ def read_csv(path: str | os.PathLike) -> list[dict]:
         for raw in csv.DictReader(f):
             row = {}
             for k, v in raw.items():
-                if v in ("", None):
-                    continue
                 if k in ("cell", "description"):
-                    row[k] = v
+                    row[k] = v or ""
+                elif v in ("", None):
+                    continue
                 elif k in ("baseline", "n_seeds") or k.endswith((" n", " diff_n", " diff_sig")):
                     row[k] = int(v)
                 else:

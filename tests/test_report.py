@@ -1,0 +1,212 @@
+"""The ablation report: interval math against scipy, pairing by seed, marking, atomic writes, the notebook."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lightning_clip import report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------- fake runs
+def write_events(run_dir: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:
+    """TensorBoard scalars as Lightning's logger writes them (simple_value summaries)."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(str(run_dir))
+    for tag, points in scalars.items():
+        for step, value in points:
+            summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)])
+            writer.add_event(event_pb2.Event(step=step, wall_time=1.0 + step, summary=summary))
+    writer.close()
+
+
+def make_fake_ablation(runs_dir: Path, name: str = "losses", cells=("infonce", "siglip", "dcl"),
+                       seeds=(0, 1, 2), events: bool = True) -> dict:
+    """runs/<name>/<cell>/seed_<k> with final_metrics.json (and event files), plus the runner's manifest.
+    siglip is clearly better than infonce on every seed; dcl equal up to noise; seeds shift all cells."""
+    rng = np.random.default_rng(0)
+    truth = {"infonce": 0.40, "siglip": 0.46, "dcl": 0.40}
+    values = {}
+    for seed in seeds:
+        seed_shift = 0.05 * (seed - 1)  # what a seed does to every cell (data order, init)
+        for cell in cells:
+            r1 = truth.get(cell, 0.3) + seed_shift + rng.normal(0, 0.004)
+            m = {"val/t2i/R@1": r1, "val/i2t/R@1": r1 + 0.02, "val/t2i/R@5": min(1.0, 2 * r1),
+                 "train/loss": 2.0 - r1, "temperature/scale": 20.0 + seed, "step": 100, "epoch": 3,
+                 "wall_time_s": 12.0, "loss_family": cell}
+            if cell == "siglip":
+                m["temperature/bias"] = -9.5
+            values[(cell, seed)] = m
+            run = runs_dir / name / cell / f"seed_{seed}"
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "final_metrics.json").write_text(json.dumps(m))
+            (run / "DONE").write_text("{}")
+            if events:
+                write_events(run, {"train/loss": [(s, 2.5 - r1 * s / 100) for s in range(0, 101, 10)],
+                                   "val/t2i/R@1": [(50, r1 / 2), (100, r1)]})
+    manifest = dict(ablation=name, baseline=cells[0], seeds=list(seeds),
+                    cells=[dict(name=c, description=f"what {c} tests") for c in cells])
+    (runs_dir / name / "ablation.json").write_text(json.dumps(manifest))
+    return values
+
+
+# ------------------------------------------------------------------------------------- statistics
+def test_t_interval_matches_scipy():
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 5, 10):
+        x = rng.normal(0.4, 0.05, n)
+        iv = report.t_interval(x)
+        low, high = stats.t.interval(0.95, n - 1, loc=x.mean(), scale=stats.sem(x))
+        assert iv.n == n and iv.mean == pytest.approx(x.mean())
+        assert (iv.low, iv.high) == pytest.approx((low, high))
+    # the textbook value for three seeds: t_{0.975, 2} = 4.3027
+    iv = report.t_interval([1.0, 2.0, 3.0])
+    assert iv.half_width == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
+
+
+def test_t_interval_degenerate_cases():
+    one = report.t_interval([0.3])
+    assert one.mean == 0.3 and one.n == 1 and math.isnan(one.low) and not one.excludes_zero
+    assert report.t_interval([]).n == 0
+    assert report.t_interval([0.2, float("nan"), 0.4]).n == 2  # a NaN metric is not a seed's value
+
+
+def test_paired_difference_pairs_by_seed_and_drops_unpaired_seeds():
+    base = {0: 0.30, 1: 0.40, 2: 0.50, 3: 0.9}
+    cell = {0: 0.33, 1: 0.42, 2: 0.54, 4: 0.1}  # seed 3 only in the baseline, seed 4 only in the cell
+    d = report.paired_difference(cell, base)
+    diffs = [0.03, 0.02, 0.04]
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(diffs), scale=stats.sem(diffs))
+    assert d.n == 3 and d.mean == pytest.approx(0.03)
+    assert (d.low, d.high) == pytest.approx((low, high))
+    assert d.excludes_zero
+    # unpaired, the two intervals overlap heavily: the seed effect hides the difference
+    assert report.t_interval(cell.values()).low < report.t_interval([0.30, 0.40, 0.50]).high
+
+
+def test_summary_rows_mark_and_blank(tmp_path):
+    values = make_fake_ablation(tmp_path, events=False)
+    metrics = report.load_metrics(tmp_path / "losses")
+    assert set(metrics) == {"infonce", "siglip", "dcl"} and set(metrics["siglip"]) == {0, 1, 2}
+    assert "loss_family" not in metrics["siglip"][0]  # strings are not metrics
+    rows = {r["cell"]: r for r in report.summarize(metrics, "infonce")}
+    key = "val/t2i/R@1"
+    expected = report.paired_difference({s: values[("siglip", s)][key] for s in range(3)},
+                                        {s: values[("infonce", s)][key] for s in range(3)})
+    assert rows["siglip"][f"{key} diff"] == pytest.approx(expected.mean)
+    assert rows["siglip"][f"{key} diff_ci_low"] == pytest.approx(expected.low)
+    assert rows["siglip"][f"{key} diff_sig"] == 1
+    assert rows["dcl"][f"{key} diff_sig"] == 0
+    assert f"{key} diff" not in rows["infonce"] and rows["infonce"]["baseline"] == 1
+    assert "temperature/bias mean" in rows["siglip"] and "temperature/bias mean" not in rows["infonce"]
+
+    md = report.format_markdown(list(rows.values()), "losses")
+    main_table = md.split("## Difference")[0]
+    table = {line.split("|")[1].strip(): line for line in main_table.splitlines() if line.startswith("| `")}
+    diff_lines = [line for line in md.split("## Difference")[1].splitlines() if line.startswith("| `")]
+    siglip_diff = next(line for line in diff_lines if "`siglip`" in line)
+    dcl_diff = next(line for line in diff_lines if "`dcl`" in line)
+    assert f"**+{100 * expected.mean:.1f} [{100 * expected.low:.1f}, {100 * expected.high:.1f}]**" in siglip_diff
+    assert "**" not in dcl_diff
+    assert "(baseline)" in table["`infonce` (baseline)"]
+    header = next(line for line in main_table.splitlines() if line.startswith("| cell | seeds"))
+    bias_col = [h.strip() for h in header.split("|")].index("bias")
+    assert table["`infonce` (baseline)"].split("|")[bias_col].strip() == ""  # not applicable: blank
+    assert table["`siglip`"].split("|")[bias_col].strip().startswith("-9.50")
+
+
+def test_csv_round_trip(tmp_path):
+    make_fake_ablation(tmp_path, events=False)
+    rows = report.summarize(report.load_metrics(tmp_path / "losses"), "infonce")
+    path = report.atomic_write(tmp_path / "t.csv", report.to_csv(rows))
+    back = report.read_csv(path)
+    assert [r["cell"] for r in back] == [r["cell"] for r in rows]
+    for got, want in zip(back, rows):
+        assert got.keys() == {k for k, v in want.items() if not (isinstance(v, float) and math.isnan(v))}
+        for k, v in want.items():
+            if isinstance(v, float) and not math.isnan(v):
+                assert got[k] == pytest.approx(v, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------- atomic writes
+def test_atomic_write_replaces_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    target = tmp_path / "results" / "losses.md"
+    report.atomic_write(target, "old table\n")
+    report.atomic_write(target, "new table\n")
+    assert target.read_text() == "new table\n"
+
+    def crash(src, dst):  # an interruption between writing and renaming
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        report.atomic_write(target, "half a tab")
+    assert target.read_text() == "new table\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["losses.md"]
+
+
+# ----------------------------------------------------------------------------------- full report
+def test_write_report_writes_tables_and_plots(tmp_path):
+    make_fake_ablation(tmp_path / "runs")
+    written = report.write_report("losses", tmp_path / "runs", tmp_path / "results")
+    assert set(written) == {"csv", "md", "bars", "curves"}
+    for kind in ("bars", "curves"):
+        assert written[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = report.load_curves(tmp_path / "runs" / "losses")
+    assert len(curves["siglip"]["val/t2i/R@1"]) == 3
+    steps, mean, std = report.mean_band(curves["siglip"]["val/t2i/R@1"])
+    assert list(steps) == [50, 100] and mean[1] == pytest.approx(0.46, abs=0.02) and std[1] > 0
+    assert not list((tmp_path / "results").glob("*.tmp")) and not list((tmp_path / "results").glob(".*"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        report.write_report("nowhere", tmp_path / "runs", tmp_path / "results")
+
+
+def test_series_cells_are_grouped():
+    mapping, label = report._series(["infonce-b16", "siglip-b16", "infonce-b64", "siglip-b64"])
+    assert mapping["siglip-b64"] == ("siglip", 64) and label == "batch size"
+    assert report._series(["infonce", "siglip"]) is None
+    assert report._series(["infonce-b16", "siglip-b16"]) is None  # one x value: plain bars
+
+
+# ----------------------------------------------------------------------------------- the notebook
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    make_fake_ablation(runs)
+    report.write_report("losses", runs, results, plots=False)
+    # a kernel spec for this interpreter, so the notebook runs in the environment under test
+    spec = tmp_path / "jupyter" / "kernels" / "lightning-clip-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "lightning-clip test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("ABLATION", "losses")
+    monkeypatch.setenv("LIGHTNING_CLIP_RUNS", str(runs))
+    monkeypatch.setenv("LIGHTNING_CLIP_RESULTS", str(results))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+    path = REPO / "notebooks" / "compare_losses.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    client = nbclient.NotebookClient(nb, kernel_name="lightning-clip-test", timeout=120,
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, "the bars and the curves are drawn"
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "siglip" in text and "best t2i R@1: siglip" in text
