@@ -1,0 +1,293 @@
+"""The ablation runner with a fake training command: skip complete runs, redo interrupted ones, go on after
+a failure, survive kill -9 of a child or of the runner, stop children on Ctrl-C; and the shipped cells."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_clip import ablate
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Stands in for `python -m lightning_clip fit`: takes the same arguments, reads its behaviour from a
+# `fake:` block of the cell YAML (sleep, fail, no_metrics), records each invocation, writes metrics.
+FAKE = textwrap.dedent("""\
+    import json, os, sys, time
+    import yaml
+    args = sys.argv[1:]
+    opt = lambda name: next(a.split("=", 1)[1] for a in args if a.startswith(f"--{name}="))
+    run_dir, seed = opt("run_dir"), int(opt("seed_everything"))
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    fake = {}
+    for c in configs:
+        fake.update((yaml.safe_load(open(c)) or {}).get("fake") or {})
+    with open(os.environ["FAKE_CALLS"], "a") as f:
+        f.write(json.dumps({"run_dir": run_dir, "pid": os.getpid(), "configs": configs, "args": args}) + "\\n")
+    print("training", run_dir, flush=True)
+    time.sleep(float(fake.get("sleep", 0)))
+    if fake.get("fail"):
+        print("loss is NaN at step 3", flush=True)
+        sys.exit(3)
+    if not fake.get("no_metrics"):
+        m = {"val/t2i/R@1": 0.3 + 0.01 * seed, "val/i2t/R@1": 0.35, "train/loss": 1.0, "step": 10, "loss_family": "x"}
+        with open(os.path.join(run_dir, "final_metrics.json"), "w") as f:
+            json.dump(m, f)
+""")
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A tiny project tree (base, quick overlay, one ablation with two cells) as the working directory."""
+    (tmp_path / "experiments" / "ablations" / "toy").mkdir(parents=True)
+    (tmp_path / "experiments" / "base.yaml").write_text("trainer: {max_steps: 10}\n")
+    (tmp_path / "experiments" / "quick.yaml").write_text("trainer: {max_steps: 2}\n")
+    cell(tmp_path, "toy", "a", "# the reference\n# @baseline\n# @quick\nmodel: {loss: infonce}\n")
+    cell(tmp_path, "toy", "b", "# the other loss\nmodel: {loss: siglip}\n")
+    (tmp_path / "fake.py").write_text(FAKE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv(ablate.CMD_ENV, f"{sys.executable} {tmp_path / 'fake.py'}")
+    return tmp_path
+
+
+def cell(root: Path, ablation: str, name: str, text: str) -> Path:
+    path = root / "experiments" / "ablations" / ablation / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def calls(root: Path) -> list[dict]:
+    path = root / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_dirs(root: Path, ablation: str = "toy", runs: str = "runs") -> list[str]:
+    return sorted(str(p.parent.relative_to(root / runs)) for p in (root / runs).glob(f"{ablation}/*/seed_*/DONE"))
+
+
+# ------------------------------------------------------------------------------------------- cells
+def test_parse_cell_reads_description_and_directives(tmp_path):
+    c = ablate.parse_cell(cell(tmp_path, "real", "x", "# what it tests\n# @baseline\n"
+                                                      "# @data REAL_SHARDS ../shared/data/x\nmodel: {}\n"), "real")
+    assert (c.name, c.description, c.baseline, c.quick) == ("x", "what it tests", True, False)
+    assert c.data_root({}) == Path("../shared/data/x") and c.data_root({"REAL_SHARDS": "/d"}) == Path("/d")
+    with pytest.raises(ValueError, match="unknown directive '# @basline'"):
+        ablate.parse_cell(cell(tmp_path, "t", "y", "# typo\n# @basline\n"), "t")
+    with pytest.raises(ValueError, match="one-line comment"):
+        ablate.parse_cell(cell(tmp_path, "t", "z", "model: {loss: infonce}\n"), "t")
+
+
+def test_ablation_needs_one_baseline(project):
+    cell(project, "toy", "b", "# the other loss\n# @baseline\nmodel: {loss: siglip}\n")
+    with pytest.raises(SystemExit, match="exactly one cell marked '# @baseline'"):
+        ablate.load_ablation("toy")
+    with pytest.raises(SystemExit, match="unknown ablation 'nope'.*available: toy"):
+        ablate.load_ablation("nope")
+
+
+def test_shipped_ablations_are_well_formed():
+    root = REPO / "experiments" / "ablations"
+    names = ablate.available(root)
+    assert names[:4] == ["losses", "batch_size", "duplicates", "variance"] and "real" in names
+    for name in names:
+        a = ablate.load_ablation(name, root)
+        assert a.cells[0].baseline
+        for c in a.cells:
+            delta = yaml.safe_load(c.path.read_text())
+            assert set(delta) <= {"model", "data", "trainer"}, c.path
+            assert "callbacks" not in (delta.get("trainer") or {}), f"{c.path}: cells never touch trainer.callbacks"
+    losses = {c.name for c in ablate.load_ablation("losses", root).cells}
+    assert {"soft_targets-tutorial", "soft_targets-fixed", "probabilistic-proposal", "probabilistic-gaussian",
+            "infonce", "siglip", "multi_positive", "nce", "dcl", "damsm"} <= losses
+    # every batch size sees the same number of training pairs (9600), so only the batch differs
+    for c in ablate.load_ablation("batch_size", root).cells:
+        d = yaml.safe_load(c.path.read_text())
+        assert 9600 <= d["trainer"]["max_steps"] * d["data"]["batch_size"] < 9600 + d["data"]["batch_size"], c.name
+    # the duplicate-aware comparison needs an image several times in a batch
+    for c in ablate.load_ablation("duplicates", root).cells:
+        assert yaml.safe_load(c.path.read_text())["data"]["batching"] == "caption", c.name
+    assert all(c.data for c in ablate.load_ablation("real", root).cells)
+
+
+# ------------------------------------------------------------------------------------------ runner
+def test_runs_everything_then_skips_complete_runs(project, capsys):
+    assert ablate.main(["--seeds", "2"]) == 0
+    assert run_dirs(project) == ["toy/a/seed_0", "toy/a/seed_1", "toy/b/seed_0", "toy/b/seed_1"]
+    assert len(calls(project)) == 4
+    first = calls(project)[0]["args"]
+    assert first[:4] == ["--config", "experiments/base.yaml", "--config", "experiments/ablations/toy/a.yaml"]
+    assert "--seed_everything=0" in first and "--run_dir=runs/toy/a/seed_0" in first
+    assert (project / "results" / "toy.md").exists() and (project / "results" / "toy.csv").exists()
+    manifest = json.loads((project / "runs" / "toy" / "ablation.json").read_text())
+    assert manifest["baseline"] == "a" and [c["name"] for c in manifest["cells"]] == ["a", "b"]
+    out = capsys.readouterr().out
+    assert "[4/4 done, 0 left" in out and "ETA" in out
+
+    assert ablate.main(["--seeds", "2"]) == 0
+    assert len(calls(project)) == 4, "complete runs are not run again"
+    assert "4 run(s) already complete" in capsys.readouterr().out
+
+
+def test_interrupted_run_is_cleared_and_redone(project):
+    partial = project / "runs" / "toy" / "a" / "seed_0"
+    partial.mkdir(parents=True)
+    (partial / "events.out.tfevents.half").write_text("half a run")  # no DONE stamp: interrupted
+    assert ablate.main(["--seeds", "1"]) == 0
+    assert not (partial / "events.out.tfevents.half").exists() and (partial / "DONE").exists()
+    assert [c["run_dir"] for c in calls(project)] == ["runs/toy/a/seed_0", "runs/toy/b/seed_0"]
+
+
+def test_failure_is_reported_with_its_log_and_the_others_run(project, capsys):
+    cell(project, "toy", "b", "# the other loss\nmodel: {loss: siglip}\nfake: {fail: true}\n")
+    cell(project, "toy", "c", "# no metrics written\nfake: {no_metrics: true}\n")
+    assert ablate.main(["--seeds", "1"]) == 1
+    assert run_dirs(project) == ["toy/a/seed_0"]
+    captured = capsys.readouterr()
+    log = Path("runs/toy/b/seed_0/run.log")
+    assert f"FAILED toy/b seed 0 (exit 3" in captured.out and f"log {log}" in captured.out
+    assert "loss is NaN at step 3" in captured.out  # the tail of the log, to see why without opening it
+    assert f"toy/b seed 0: exit 3; log {log}" in captured.err
+    assert "toy/c seed 0: exit 0 but no final_metrics.json" in captured.err
+    assert "loss is NaN" in (project / log).read_text()
+    # the table is still written from what finished
+    assert "| `a` (baseline) | 1 |" in (project / "results" / "toy.md").read_text()
+
+
+def test_stale_run_is_redone_when_its_config_changes(project, capsys):
+    assert ablate.main(["--seeds", "1"]) == 0
+    cell(project, "toy", "b", "# the other loss, with a comment edit\nmodel: {loss: siglip}  # same\n")
+    assert ablate.main(["--seeds", "1"]) == 0
+    assert len(calls(project)) == 2, "a comment does not change a run"
+    cell(project, "toy", "b", "# the other loss\nmodel: {loss: siglip, lr: 0.1}\n")
+    assert ablate.main(["--seeds", "1"]) == 0
+    assert [c["run_dir"] for c in calls(project)][2:] == ["runs/toy/b/seed_0"]
+    assert "redo toy/b seed 0: its configs changed" in capsys.readouterr().out
+
+
+def test_equal_runs_are_copied_not_recomputed(project, capsys):
+    cell(project, "zz_other", "a", "# the same reference\n# @baseline\nmodel: {loss: infonce}\n")
+    assert ablate.main(["--seeds", "1", "--ablation", "toy", "zz_other"]) == 0
+    assert len(calls(project)) == 2
+    copied = project / "runs" / "zz_other" / "a" / "seed_0"
+    assert json.loads((copied / "DONE").read_text())["copied_from"] == "runs/toy/a/seed_0"
+    assert (copied / "final_metrics.json").exists()
+    assert "copied zz_other/a seed 0" in capsys.readouterr().out
+
+
+def test_quick_mode_keeps_its_own_folders(project):
+    assert ablate.main(["--quick"]) == 0
+    assert run_dirs(project, runs="runs/quick") == ["toy/a/seed_0"]  # the @quick cell, one seed
+    assert not (project / "runs" / "toy").exists() and (project / "results" / "quick" / "toy.md").exists()
+    assert calls(project)[0]["configs"][-1] == "experiments/quick.yaml"
+
+
+def test_missing_data_skips_the_cell(project, capsys, monkeypatch):
+    cell(project, "toy", "real", "# on real photos\n# @data TOY_SHARDS shards/absent\nmodel: {}\n")
+    assert ablate.main(["--seeds", "1"]) == 0
+    assert "skipping toy/real: its shards folder shards/absent" in capsys.readouterr().out
+    (project / "mine" / "train").mkdir(parents=True)
+    (project / "mine" / "val").mkdir()
+    monkeypatch.setenv("TOY_SHARDS", "mine")
+    assert ablate.main(["--seeds", "1"]) == 0
+    assert "--data.train_shards=mine/train" in calls(project)[-1]["args"]
+
+
+def test_extra_arguments_go_to_every_run(project):
+    assert ablate.main(["--seeds", "1", "--", "--trainer.max_steps=3"]) == 0
+    assert all("--trainer.max_steps=3" in c["args"] for c in calls(project))
+
+
+# ------------------------------------------------------------------------------- signals (processes)
+def _start_runner(project: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lightning_clip.ablate", "--seeds", "1", "--no-report", *args],
+                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def _wait_for_call(project: Path, n: int, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c = calls(project)
+        if len(c) >= n:
+            return c[n - 1]
+        time.sleep(0.05)
+    raise AssertionError(f"the fake command was not started {n} time(s) within {timeout}s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def test_kill_9_of_a_child_fails_that_run_and_a_rerun_redoes_it(project):
+    cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\nfake: {sleep: 30}\n")
+    runner = _start_runner(project)
+    child = _wait_for_call(project, 1)
+    os.kill(child["pid"], signal.SIGKILL)
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 1
+    assert "FAILED toy/a seed 0 (killed by signal 9" in out and "log runs/toy/a/seed_0/run.log" in out
+    assert run_dirs(project) == ["toy/b/seed_0"], "the other cell still ran"
+
+    cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\n")
+    assert ablate.main(["--seeds", "1"]) == 0
+    assert run_dirs(project) == ["toy/a/seed_0", "toy/b/seed_0"]
+
+
+def test_ctrl_c_stops_the_child_and_leaves_no_stamp(project):
+    cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\nfake: {sleep: 30}\n")
+    runner = _start_runner(project)
+    child = _wait_for_call(project, 1)
+    runner.send_signal(signal.SIGINT)
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 130, out
+    assert "interrupted toy/a seed 0" in out
+    assert not _alive(child["pid"]), "the child is stopped with the runner"
+    assert run_dirs(project) == [] and (project / "runs" / "toy" / "a" / "seed_0").exists()
+
+
+def test_kill_9_of_the_runner_then_resume(project, capsys):
+    cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\nfake: {sleep: 60}\n")
+    runner = _start_runner(project)
+    child = _wait_for_call(project, 1)
+    runner.kill()  # no chance to clean up: the child runs on, orphaned, in its own session
+    runner.communicate(timeout=30)
+    assert _alive(child["pid"])
+
+    cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\n")
+    assert ablate.main(["--seeds", "1"]) == 0
+    deadline = time.monotonic() + 10
+    while _alive(child["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child["pid"]), "the orphan of the killed runner is stopped before its folder is redone"
+    assert run_dirs(project) == ["toy/a/seed_0", "toy/b/seed_0"]
+    assert "redo toy/a seed 0: interrupted" in capsys.readouterr().out
+
+
+def test_a_second_runner_on_the_same_folder_is_refused(project):
+    cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\nfake: {sleep: 30}\n")
+    runner = _start_runner(project)
+    try:
+        _wait_for_call(project, 1)
+        with pytest.raises(SystemExit, match="another `python -m lightning_clip.ablate` is running"):
+            ablate.main(["--seeds", "1"])
+    finally:
+        runner.send_signal(signal.SIGINT)
+        runner.communicate(timeout=30)
