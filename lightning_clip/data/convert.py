@@ -60,7 +60,7 @@ def write_shards(pairs: Iterable[tuple[Path, list[str]]], out: str | os.PathLike
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = 0, 0
-    writer = ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0.0, encoder=False)
+    writer = ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0, encoder=False)
     try:
         for path, captions in pairs:
             captions = [c.strip() for c in captions if c and c.strip()]

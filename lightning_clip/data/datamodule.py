@@ -141,6 +141,11 @@ class ShardStream(IterableDataset):
             yield collate(buf, self.tokenizer, self.max_length)
 
 
+def _as_is(batch):
+    """The stream yields finished batches; the default per-batch conversion would only walk the meta."""
+    return batch
+
+
 class _EpochLoader(DataLoader):
     """Tells the stream which epoch it is, so non-persistent workers do not replay the same order."""
 
@@ -273,8 +278,8 @@ class ClipDataModule(LightningDataModule):
                                     **common)
 
     def _loader(self, stream: ShardStream, workers: int) -> DataLoader:
-        return _EpochLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                            pin_memory=torch.cuda.is_available())
+        return _EpochLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         if self._train is None:

@@ -332,7 +332,7 @@ def write_split(out_dir: Path, split: str, num: int, shard_size: int = 2500, min
     out_dir.mkdir(parents=True, exist_ok=True)
     per_shard = max(1, min(shard_size, math.ceil(num / min_shards)))
     # Fixed mtime/owner make the tar bytes depend on the content only.
-    writer = ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0.0,
+    writer = ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0,
                          user="synthetic", group="synthetic", mode=0o444, encoder=False)
     for i in range(num):
         writer.write(make_sample(i, split, **sample_kw))
