@@ -1,6 +1,8 @@
 """The synthetic world: determinism, the relevance oracle, captions, duplicates, atomic generation."""
 from __future__ import annotations
 
+import random
+
 import hashlib
 import io
 import json
@@ -9,7 +11,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -78,7 +79,7 @@ def test_oracle_rejects_unknown_values_and_missing_ground_truth():
 
 
 def test_relevance_matrix_equals_matches_loop():
-    rng = np.random.default_rng(0)
+    rng = random.Random(0)
     scenes = [syn.sample_scene(rng) for _ in range(120)] + [SCENE, {"objects": []}]
     caps = [syn.sample_caption(scenes[i % 120], rng)["constraints"] for i in range(150)]
     caps += [{"objects": [{"shape": "circle"}, {"shape": "circle"}]}, {"objects": []}]
@@ -91,7 +92,7 @@ def test_relevance_matrix_equals_matches_loop():
 
 
 def test_captions_follow_their_level():
-    rng = np.random.default_rng(1)
+    rng = random.Random(1)
     seen_levels, conj = set(), 0
     for _ in range(300):
         scene = syn.sample_scene(rng)

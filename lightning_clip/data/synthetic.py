@@ -37,12 +37,14 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import itertools
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -69,6 +71,7 @@ SIZES = ("small", "large")
 POSITIONS = ("top left", "top middle", "top right",
              "middle left", "center", "middle right",
              "bottom left", "bottom middle", "bottom right")
+_COLOR_NAMES = tuple(COLORS)
 ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES, "position": POSITIONS}
 # Which attributes a description mentions at each specificity level (level 1 picks one of the two).
 LEVEL_ATTRIBUTES = {1: (("color",), ("shape",)),
@@ -191,12 +194,12 @@ def relevance_matrix(constraints_list: Sequence[dict], scenes_list: Sequence[dic
 
 
 # ----------------------------------------------------------------------------------------- scenes
-def sample_scene(rng: np.random.Generator) -> dict:
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
-    cells = sorted(rng.choice(len(POSITIONS), size=n, replace=False).tolist())
-    objects = [{"shape": SHAPES[rng.integers(len(SHAPES))],
-                "color": tuple(COLORS)[rng.integers(len(COLORS))],
-                "size": SIZES[rng.integers(len(SIZES))],
+def sample_scene(rng: random.Random) -> dict:
+    n = rng.randint(1, MAX_OBJECTS)
+    cells = sorted(rng.sample(range(len(POSITIONS)), n))
+    objects = [{"shape": rng.choice(SHAPES),
+                "color": rng.choice(_COLOR_NAMES),
+                "size": rng.choice(SIZES),
                 "position": POSITIONS[c]} for c in cells]
     return {"objects": objects}
 
@@ -210,18 +213,27 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return pts
 
 
-def render(scene: dict, image_size: int, rng: np.random.Generator) -> Image.Image:
+@functools.lru_cache(maxsize=8)
+def _noise_tile(size: int) -> np.ndarray:
+    # Pixel noise is cropped at a random offset from one fixed tile: drawing 3*S*S normals per image
+    # was most of the generation time, and a fixed tile keeps the output deterministic.
+    return np.random.default_rng(1234).normal(0.0, 10.0, size=(2 * size, 2 * size, 3)).astype(np.int16)
+
+
+def render(scene: dict, image_size: int, rng: random.Random) -> Image.Image:
     """Draw the scene: a grey background with per-image tint and pixel noise, shapes on grid cells."""
     s = image_size
-    base = rng.integers(90, 150)
-    noise = rng.normal(0.0, 10.0, size=(s, s, 3)) + base + rng.integers(-15, 16, size=3)
+    dy, dx = rng.randrange(s), rng.randrange(s)
+    base = rng.randrange(90, 150)
+    tint = np.array([base + rng.randint(-15, 15) for _ in range(3)], dtype=np.int16)
+    noise = _noise_tile(s)[dy:dy + s, dx:dx + s] + tint
     img = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     cell = s / 3
     for o in scene["objects"]:
         row, col = divmod(POSITIONS.index(o["position"]), 3)
-        jitter = rng.uniform(-0.06, 0.06, size=2) * cell
-        cx, cy = (col + 0.5) * cell + jitter[0], (row + 0.5) * cell + jitter[1]
+        cx = (col + 0.5 + rng.uniform(-0.06, 0.06)) * cell
+        cy = (row + 0.5 + rng.uniform(-0.06, 0.06)) * cell
         r = cell * (0.44 if o["size"] == "large" else 0.26)
         fill = COLORS[o["color"]]
         shape = o["shape"]
@@ -248,35 +260,35 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _describe(obj: dict, attrs: tuple[str, ...], rng: np.random.Generator) -> str:
+def _describe(obj: dict, attrs: tuple[str, ...], rng: random.Random) -> str:
     words = []
     if "size" in attrs:
-        words.append(_SIZE_WORDS[obj["size"]][rng.integers(2)])
+        words.append(rng.choice(_SIZE_WORDS[obj["size"]]))
     if "color" in attrs:
         words.append(obj["color"])
-    words.append(obj["shape"] if "shape" in attrs else _THING_WORDS[rng.integers(len(_THING_WORDS))])
+    words.append(obj["shape"] if "shape" in attrs else rng.choice(_THING_WORDS))
     phrase = _article(" ".join(words))
     if "position" in attrs:
-        phrase += (" in the " if rng.integers(2) else " at the ") + obj["position"]
+        phrase += rng.choice((" in the ", " at the ")) + obj["position"]
     return phrase
 
 
-def sample_caption(scene: dict, rng: np.random.Generator) -> dict:
+def sample_caption(scene: dict, rng: random.Random) -> dict:
     """One caption of ``scene`` with its constraints and specificity level."""
     objects = scene["objects"]
-    level = int(rng.integers(1, 5))
+    level = rng.randint(1, 4)
     n = 1
     if len(objects) > 1 and rng.random() < 0.5:
-        n = int(rng.integers(2, len(objects) + 1))
-    chosen = sorted(rng.choice(len(objects), size=n, replace=False).tolist())
+        n = rng.randint(2, len(objects))
+    chosen = sorted(rng.sample(range(len(objects)), n))
     phrases, described = [], []
     for i in chosen:
         options = LEVEL_ATTRIBUTES[level]
-        attrs = options[rng.integers(len(options))]
+        attrs = rng.choice(options)
         phrases.append(_describe(objects[i], attrs, rng))
         described.append({a: objects[i][a] for a in attrs})
     np_ = phrases[0] if n == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    text = _SENTENCES[rng.integers(len(_SENTENCES))].format(np_)
+    text = rng.choice(_SENTENCES).format(np_)
     return {"text": text, "level": level, "constraints": {"objects": described},
             "text_id": stable_id(text)}
 
@@ -292,8 +304,10 @@ def vocabulary() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- samples
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, SPLIT_CODES[split], index])
+def _rng(seed: int, split: str, index: int) -> random.Random:
+    # One generator per sample: order-independent, so samples could be generated in any order/process.
+    # (random.Random seeded with a string is stable across runs and platforms.)
+    return random.Random(f"{seed}/{SPLIT_CODES[split]}/{index}")
 
 
 def make_sample(index: int, split: str, seed: int = 0, image_size: int = 64, num_captions: int = 5,
@@ -302,7 +316,7 @@ def make_sample(index: int, split: str, seed: int = 0, image_size: int = 64, num
     rng = _rng(seed, split, index)
     if duplicate_rate > 0 and rng.random() < duplicate_rate:
         # A popular scene: same scene, same pixels (its own render seed), same image id.
-        source = int(rng.integers(duplicate_pool))
+        source = rng.randrange(duplicate_pool)
         src_rng = _rng(seed, "pool", source)
         scene = sample_scene(src_rng)
         image_id = stable_id(f"synthetic/pool/{seed}/{source}")
