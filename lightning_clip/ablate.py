@@ -393,7 +393,8 @@ def execute(runs: Sequence[Run], *, command: Sequence[str] | None = None, jobs: 
                 source = index.get(run.fingerprint)
                 if source is not None and source != run.run_dir:
                     clear(run.run_dir)
-                    shutil.copytree(source, run.run_dir, ignore=shutil.ignore_patterns(STAMP, PID_FILE))
+                    # checkpoints stay with the original: the tables and curves need metrics and events only
+                    shutil.copytree(source, run.run_dir, ignore=shutil.ignore_patterns(STAMP, PID_FILE, "*.ckpt"))
                     _write_stamp(run, [*prefix, *run.args], 0.0, copied_from=str(source))
                     progress.total -= 1  # like a complete run: it must not pull the ETA's mean down
                     progress.copied += 1
