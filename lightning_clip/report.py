@@ -251,8 +251,9 @@ def _keys_of(rows: Sequence[dict], what: str = "mean") -> list[str]:
 
 def format_markdown(rows: Sequence[dict], ablation: str, *, confidence: float = CONFIDENCE,
                     source: str | None = None, stamp: str | None = None) -> str:
-    """The results/<ablation>.md text: the table of means ± half-widths, then the paired differences."""
-    keys = _keys_of(rows)
+    """The results/<ablation>.md text: the table of means ± half-widths, then the paired differences.
+    Only the METRICS columns; the CSV carries every numeric key of final_metrics.json."""
+    keys = [k for k in _keys_of(rows) if k in BY_KEY]
     baseline = next((r["cell"] for r in rows if r.get("baseline")), None)
     seeds = sorted({r.get("n_seeds", 0) for r in rows})
     pct = int(round(confidence * 100))

@@ -43,7 +43,7 @@ def make_fake_ablation(runs_dir: Path, name: str = "losses", cells=("infonce", "
             r1 = truth.get(cell, 0.3) + seed_shift + rng.normal(0, 0.004)
             m = {"val/t2i/R@1": r1, "val/i2t/R@1": r1 + 0.02, "val/t2i/R@5": min(1.0, 2 * r1),
                  "train/loss": 2.0 - r1, "temperature/scale": 20.0 + seed, "step": 100, "epoch": 3,
-                 "wall_time_s": 12.0, "loss_family": cell}
+                 "wall_time_s": 12.0, "loss_family": cell, "val/i2t/median_rank": 3.0}
             if cell == "siglip":
                 m["temperature/bias"] = -9.5
             values[(cell, seed)] = m
@@ -119,6 +119,7 @@ def test_summary_rows_mark_and_blank(tmp_path):
     assert f"**+{100 * expected.mean:.1f} [{100 * expected.low:.1f}, {100 * expected.high:.1f}]**" in siglip_diff
     assert "**" not in dcl_diff
     assert "(baseline)" in table["`infonce` (baseline)"]
+    assert "median_rank" not in md, "keys outside report.METRICS go to the CSV only"
     header = next(line for line in main_table.splitlines() if line.startswith("| cell | seeds"))
     bias_col = [h.strip() for h in header.split("|")].index("bias")
     assert table["`infonce` (baseline)"].split("|")[bias_col].strip() == ""  # not applicable: blank
@@ -131,6 +132,7 @@ def test_csv_round_trip(tmp_path):
     path = report.atomic_write(tmp_path / "t.csv", report.to_csv(rows))
     back = report.read_csv(path)
     assert [r["cell"] for r in back] == [r["cell"] for r in rows]
+    assert back[0]["val/i2t/median_rank mean"] == 3.0
     for got, want in zip(back, rows):
         assert got.keys() == {k for k, v in want.items() if not (isinstance(v, float) and math.isnan(v))}
         for k, v in want.items():
