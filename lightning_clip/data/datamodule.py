@@ -258,7 +258,8 @@ class ClipDataModule(LightningDataModule):
         return 0, 1
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self.prepare_data()  # idempotent; covers use without a Trainer
+        if getattr(self, "_trainer", None) is None:
+            self.prepare_data()  # a Trainer calls it itself (once per node, before setup)
         rank, world = self._world()
         common = dict(tokenizer=self.tokenizer, max_length=self.max_length, on_bad=self._skips,
                       rank=rank, world_size=world, num_workers=self.num_workers)
@@ -292,7 +293,8 @@ class ClipDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self._val is None:
             self.setup("validate")
-        return self._loader(self._val, min(self.num_workers, len(self._val.shards)))
+        mine = len(self._val.shards[self._val.rank::self._val.world_size])
+        return self._loader(self._val, min(self.num_workers, mine))  # no idle workers
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
