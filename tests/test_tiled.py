@@ -187,3 +187,37 @@ def test_cuda_matches_dense(fn, dense):
     assert_close(loss, ref_loss, 1e-10, "loss")
     for g, ref in zip(grads[:3], ref_grads[:3]):
         assert_close(g, ref, 1e-10, "grad")
+
+
+# -- memory --------------------------------------------------------------------------------------------
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _peak_extra_mib(fn):
+    """Peak resident memory above the current one while fn runs (Linux: VmHWM reset via clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS")
+    except (OSError, KeyError):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    fn()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+@pytest.mark.parametrize("fn,dense", [(tiled_infonce, dense_infonce), (tiled_siglip, dense_siglip)],
+                         ids=["infonce", "siglip"])
+def test_memory_does_not_grow_with_n_squared(fn, dense):
+    # one [4096, 4096] float32 matrix is 64 MiB and the dense losses keep several; the tiled ones need the
+    # [N, D] features and gradients (256 KiB each here) and two 1024 x 1024 tiles (4 MiB each)
+    n, dim, chunk = 4096, 16, 1024
+    inputs = make_inputs(n, dim, torch.float32, 14.3, -3.0)
+    dense_mib = _peak_extra_mib(lambda: torch.autograd.grad(dense(*inputs), inputs[:2]))
+    tiled_mib = _peak_extra_mib(lambda: torch.autograd.grad(fn(*inputs, chunk_size=chunk), inputs[:2]))
+    assert dense_mib > 64, f"the measurement sees no N^2 matrix in the dense loss ({dense_mib:.0f} MiB)"
+    assert tiled_mib < 32, f"tiled loss used {tiled_mib:.1f} MiB extra at N={n} (dense: {dense_mib:.0f} MiB)"
