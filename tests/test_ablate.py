@@ -291,3 +291,23 @@ def test_a_second_runner_on_the_same_folder_is_refused(project):
     finally:
         runner.send_signal(signal.SIGINT)
         runner.communicate(timeout=30)
+
+
+def test_progress_line_and_eta():
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    p = ablate.Progress(total=10, jobs=2, stream=stream)
+    assert p.eta() is None and "ETA ?" in p.summary()
+    p.finished += [20.0, 40.0]  # mean 30 s; 8 runs left on 2 jobs, one of them 10 s in
+    assert p.eta([10.0]) == pytest.approx((8 * 30 - 10) / 2)
+    p.tick({"losses/nce seed 1": time.monotonic() - 10})
+    p.event("ok     losses/dcl seed 0")
+    out = stream.getvalue()
+    assert "[2/10 done, 8 left" in out and "running losses/nce seed 1 (0m1" in out
+    # an event clears the status line, prints, and redraws it below
+    assert out.index("\r\033[Kok     losses/dcl seed 0\n") < out.rindex("running losses/nce")
