@@ -11,7 +11,7 @@ STAMP   := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 ABLATION ?=
-SEEDS    ?= 3
+SEEDS    ?=
 QUICK    ?=
 ARGS     ?=
 CONFIG   ?= experiments/base.yaml
@@ -20,7 +20,7 @@ CONFIG   ?= experiments/base.yaml
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: ABLATION=<name> SEEDS=3 QUICK=1 ARGS='--trainer.max_steps=50' CONFIG=experiments/base.yaml"
+	@echo "  variables: ABLATION=<name> SEEDS=<n> (3; 1 with QUICK) QUICK=1 ARGS='--trainer.max_steps=50' CONFIG=experiments/base.yaml"
 
 install: $(STAMP)  ## create .venv and install the package with its dev and bench extras (idempotent)
 $(STAMP): setup.cfg pyproject.toml
@@ -38,8 +38,8 @@ train: install  ## one training run: make train CONFIG=... ARGS='--model.loss=si
 smoke: install  ## a few steps of tiny everything (< 1 min)
 	$(PY) -m lightning_clip fit --config experiments/base.yaml --config experiments/smoke.yaml $(ARGS)
 
-ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=, QUICK=1)
-	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) --seeds $(SEEDS) $(if $(QUICK),--quick)
+ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1)
+	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick)
 
 test: install  ## the test suite without the slow end-to-end tests (< 5 min)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" -q

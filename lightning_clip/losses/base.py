@@ -60,10 +60,10 @@ class ContrastiveLoss(nn.Module):
         """Values the temperature callback logs."""
         out = {}
         if self.log_scale is not None:
-            out["log_scale"] = float(self.log_scale)
-            out["scale"] = math.exp(float(self.log_scale))
+            out["log_scale"] = float(self.log_scale.detach())
+            out["scale"] = math.exp(out["log_scale"])
         if self.bias is not None:
-            out["bias"] = float(self.bias)
+            out["bias"] = float(self.bias.detach())
         return out
 
     # -- retrieval -----------------------------------------------------------------------------------
