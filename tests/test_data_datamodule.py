@@ -208,3 +208,11 @@ def test_strict_raises_naming_shard_and_key(tmp_path, tok, key):
         shard, reason = f"s.tar, key {key}", BAD[key][1]
     with pytest.raises(BadSampleError, match=rf"{shard}: {reason}.*strict"):
         _read_all(tmp_path, tokenizer=tok, strict=True)
+
+
+def test_url_shards_are_opened_with_gopen(world):
+    shard = sorted((world / "val").glob("*.tar"))[0]
+    dm = ClipDataModule(str(world / "train"), f"pipe:cat {shard}", batch_size=4, num_workers=0)
+    dm.setup("validate")
+    keys = [k for b in dm.val_dataloader() for k in b["meta"]["key"]]
+    assert len(keys) == 5 * 3 and dm.skipped == 0

@@ -1,7 +1,8 @@
 """Reading img2dataset-layout shards (``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.json``) robustly.
 
 `expand_shards` turns a directory, a glob or a brace pattern into a sorted list of tar files and fails
-with the pattern in the message when nothing matches.
+with the pattern in the message when nothing matches. URLs (``https://``, ``pipe:``...) are passed
+through and opened with webdataset's ``gopen``.
 
 `iter_records` reads one shard into `Record`s. It is a small tar loop rather than
 ``webdataset.tarfile_to_samples`` because every bad input must be reported with its shard *and* key,
@@ -47,7 +48,9 @@ def expand_shards(pattern: str, option: str = "shards") -> list[str]:
 
     files: list[str] = []
     for part in expand_urls(str(pattern)):
-        if os.path.isdir(part):
+        if _is_remote(part):
+            files.append(part)  # opened with webdataset's gopen (curl, pipe:, s3 ...); not checked here
+        elif os.path.isdir(part):
             files.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
         elif any(c in part for c in "*?["):
             files.extend(sorted(glob.glob(part)))
@@ -57,6 +60,18 @@ def expand_shards(pattern: str, option: str = "shards") -> list[str]:
         raise FileNotFoundError(f"data.{option}={pattern!r} matches no shard (expected a directory of .tar "
                                 f"files, a glob, or a brace pattern like dir/shard-{{000000..000007}}.tar)")
     return sorted(dict.fromkeys(files))
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://") or url.startswith("pipe:")
+
+
+def _open(shard: str):
+    if _is_remote(shard):
+        from webdataset.gopen import gopen
+
+        return gopen(shard, "rb")
+    return open(shard.removeprefix("file://"), "rb")
 
 
 class SkipPolicy:
@@ -102,7 +117,7 @@ def _tar_members(shard: str, on_bad: SkipPolicy) -> Iterator[tuple[str, dict[str
     key, files = None, {}
     last = "<start of archive>"
     try:
-        with tarfile.open(shard, mode="r|*") as tar:
+        with _open(shard) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 last = info.name
                 m = _KEY_EXT.match(info.name)
