@@ -1,0 +1,72 @@
+"""SigLIP's pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training";
+open_clip `SigLipLoss`).
+
+    z_ij = s * I_i . T_j + b,  y_ij = +1 if i == j else -1,
+    L = -(1/N) sum_ij log sigmoid(y_ij z_ij)
+
+Every pair is an independent binary problem, so there is no softmax normaliser: each row needs only
+its own logits, and under DDP a rank's image rows against all captions give exactly its share. The bias
+starts at -10 because N-1 of every N pairs are negatives: the prior log-odds of a positive are about
+-ln N, and starting there keeps the first steps from spending their gradient on pushing all logits down.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._registry import register_loss
+from lightning_clip.losses.base import ContrastiveLoss
+from lightning_clip.losses.distributed import is_distributed, split_rows
+from lightning_clip.outputs import Embeddings, LossOutput
+
+
+@full_precision
+def siglip_terms(image: Tensor, text: Tensor, logit_scale, logit_bias, *, normalize_inputs: bool = False,
+                 gathered: bool = False) -> dict[str, Tensor]:
+    """``{"positive", "negative"}``: the diagonal and off-diagonal parts of the loss of the local image
+    rows, each summed over pairs and divided by the number of local rows (their sum is the loss)."""
+    check_pair("siglip", image, text)
+    if normalize_inputs:
+        image, text = normalize(image), normalize(text)
+    rows = split_rows(image, text, gathered)
+    logits = logit_scale * rows.image @ rows.text_all.T + logit_bias
+    positive = torch.zeros_like(logits, dtype=torch.bool)
+    positive[torch.arange(len(logits), device=logits.device), rows.labels] = True
+    # -log sigmoid(y z) = softplus(-y z)
+    per_pair = F.softplus(torch.where(positive, -logits, logits))
+    b = logits.shape[0]
+    return {"positive": per_pair[positive].sum() / b, "negative": per_pair[~positive].sum() / b}
+
+
+def siglip(image: Tensor, text: Tensor, logit_scale, logit_bias, chunk_size: Optional[int] = None) -> Tensor:
+    """SigLIP loss over L2-normalised ``[N, D]`` features; ``logit_scale`` is exp(log_scale).
+    ``chunk_size`` switches to the memory-linear tiled kernel (same values)."""
+    if chunk_size is not None:
+        check_pair("siglip", image, text)
+        from lightning_clip.losses.tiled import tiled_siglip
+        return tiled_siglip(image, text, logit_scale, logit_bias, chunk_size=chunk_size)
+    terms = siglip_terms(image, text, logit_scale, logit_bias)
+    return terms["positive"] + terms["negative"]
+
+
+@register_loss("siglip")
+class SigLIPLoss(ContrastiveLoss):
+    """Logs ``positive`` and ``negative`` (the matched-pair and mismatched-pair parts)."""
+
+    def __init__(self, init_scale: float = 10.0, learn_scale: bool = True, init_bias: float = -10.0,
+                 learn_bias: bool = True, chunk_size: Optional[int] = None):
+        super().__init__(init_scale=init_scale, learn_scale=learn_scale, init_bias=init_bias,
+                         learn_bias=learn_bias)
+        self.chunk_size = chunk_size
+
+    def forward(self, emb: Embeddings) -> LossOutput:
+        bias = self.bias.float()
+        if self.chunk_size is not None and not is_distributed():
+            image, text = normalize(emb.image.float()), normalize(emb.text.float())
+            return LossOutput(siglip(image, text, self.logit_scale, bias, chunk_size=self.chunk_size), {})
+        terms = siglip_terms(emb.image, emb.text, self.logit_scale, bias, normalize_inputs=True, gathered=True)
+        return LossOutput(terms["positive"] + terms["negative"], terms)
