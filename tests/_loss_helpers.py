@@ -1,0 +1,51 @@
+"""Shared pieces of the loss tests: one list of family configurations and a random `Embeddings` maker."""
+from __future__ import annotations
+
+import torch
+
+from lightning_clip.outputs import Embeddings
+
+#: (registered name, build_loss options): every family and every mode
+CASES = [
+    ("infonce", {}),
+    ("infonce", {"label_smoothing": 0.1}),
+    ("siglip", {}),
+    ("soft_targets", {"mode": "tutorial"}),
+    ("soft_targets", {"mode": "fixed"}),
+    ("multi_positive", {}),
+    ("nce", {"num_negatives": 3}),
+    ("dcl", {}),
+    ("probabilistic", {"mode": "proposal"}),
+    ("probabilistic", {"mode": "gaussian"}),
+    ("damsm", {}),
+]
+
+
+def case_id(case) -> str:
+    name, kwargs = case
+    return "-".join([name, *(f"{k}={v}" for k, v in kwargs.items())])
+
+
+def word_mask_for(n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """Variable caption lengths 1..length, padding at the end."""
+    lengths = torch.randint(1, length + 1, (n,), generator=generator)
+    return torch.arange(length)[None, :] < lengths[:, None]
+
+
+def random_embeddings(n: int = 6, dim: int = 8, dtype=torch.float64, seed: int = 0, regions: int = 5,
+                      words: int = 6, groups: bool = True) -> Embeddings:
+    """Every optional field filled: log-stds in [-0.5, 0.5], padded words, groups with duplicates."""
+    g = torch.Generator().manual_seed(seed)
+    emb = Embeddings(
+        image=torch.randn(n, dim, generator=g, dtype=dtype),
+        text=torch.randn(n, dim, generator=g, dtype=dtype),
+        image_ln_std=torch.rand(n, generator=g, dtype=dtype) - 0.5,
+        text_ln_std=torch.rand(n, generator=g, dtype=dtype) - 0.5,
+        regions=torch.randn(n, regions, dim, generator=g, dtype=dtype),
+        words=torch.randn(n, words, dim, generator=g, dtype=dtype),
+        word_mask=word_mask_for(n, words, g),
+    )
+    if groups:  # pairs (0, 1), (2, 3)... share a group; one caption is also a duplicate of another image
+        emb.image_groups = torch.arange(n) // 2
+        emb.text_groups = torch.arange(n) // 2
+    return emb
