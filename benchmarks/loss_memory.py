@@ -95,9 +95,11 @@ def _loss_fn(loss: str, impl: str, chunk_size: int):
     return dense_infonce if loss == "infonce" else dense_siglip
 
 
-def measure(loss: str, impl: str, n: int, dim: int, chunk_size: int, seed: int = 0) -> dict:
+def measure(loss: str, impl: str, n: int, dim: int, chunk_size: int, threads: int = 0, seed: int = 0) -> dict:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     fn = _loss_fn(loss, impl, chunk_size)
     # warm up the BLAS/OpenMP pools and lazy imports on a small case, so they do not count as extra memory
     small = [torch.nn.functional.normalize(torch.randn(64, dim), dim=-1).requires_grad_() for _ in range(2)]
@@ -136,6 +138,13 @@ def _available_bytes() -> int | None:
     return None
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def _open_clip_version() -> str | None:
     try:
         import open_clip
@@ -150,7 +159,7 @@ def _fmt_bytes(b: float) -> str:
 
 def _run_one(args, loss, impl, n) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", loss, impl, str(n),
-           "--dim", str(args.dim), "--chunk-size", str(args.chunk_size)]
+           "--dim", str(args.dim), "--chunk-size", str(args.chunk_size), "--threads", str(args.threads)]
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parents[1])  # import lightning_clip from this checkout
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
@@ -170,6 +179,13 @@ def main(argv=None) -> int:
                    help="implementations (open_clip is skipped when not installed)")
     p.add_argument("--dim", type=int, default=512, help="embedding size D (default 512)")
     p.add_argument("--chunk-size", type=int, default=2048, help="tile size of the tiled path (default 2048)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in every measurement (default: torch's choice, one per core). On a "
+                        "machine shared with other jobs, 1 can be faster: a 2-thread op waits at its barrier "
+                        "for whichever thread another process has preempted")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure each cell this many times, interleaved with the other implementations, and "
+                        "keep the fastest (default 1)")
     p.add_argument("--max-dense-gib", type=float, default=18.0,
                    help="skip dense/open_clip cases whose N x N matrices would need more (default 18)")
     p.add_argument("--json", type=Path, help="also write every measurement to this file")
@@ -178,30 +194,38 @@ def main(argv=None) -> int:
 
     if args.worker:
         loss, impl, n = args.worker
-        print(json.dumps(measure(loss, impl, int(n), args.dim, args.chunk_size)))
+        print(json.dumps(measure(loss, impl, int(n), args.dim, args.chunk_size, args.threads)))
         return 0
 
     import torch
     oc_version = _open_clip_version()
     impls = [i for i in args.impls if i != "open_clip" or oc_version]
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, open_clip "
-          f"{oc_version or 'not installed'}, float32, D={args.dim}, forward+backward, tiled chunk "
-          f"{args.chunk_size}, one process per cell", flush=True)
+    threads = args.threads or torch.get_num_threads()
+    print(f"# torch {torch.__version__}, {threads} thread(s), open_clip {oc_version or 'not installed'}, float32, "
+          f"D={args.dim}, forward+backward, tiled chunk {args.chunk_size}, one process per measurement, "
+          f"best of {args.repeat}, load average at start {_loadavg()}", flush=True)
     rows = []
     for loss in args.losses:
         for n in args.sizes:
-            for impl in impls:
-                row = {"loss": loss, "impl": impl, "n": n}
+            cells = {impl: {"loss": loss, "impl": impl, "n": n} for impl in impls}
+            for impl, row in cells.items():
                 if impl != "tiled":
                     need = DENSE_MATRICES[loss] * n * n * 4
                     avail = _available_bytes()
                     limit = args.max_dense_gib * GIB if avail is None else min(args.max_dense_gib * GIB, avail - GIB)
                     if need > limit:
                         row["skipped"] = f"would need ~{need / GIB:.0f} GiB"
-                if "skipped" not in row:
-                    row.update(_run_one(args, loss, impl, n))
+            for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits every impl alike
+                for impl, row in cells.items():
+                    if "skipped" in row or "error" in row:
+                        continue
+                    got = _run_one(args, loss, impl, n)
+                    if "error" in got or "seconds" not in row or got["seconds"] < row["seconds"]:
+                        row.update(got)
+            for impl, row in cells.items():
                 rows.append(row)
                 print("  " + _cell_text(row, impl), f"({loss}, N={n})", flush=True)
+    print(f"# load average at end {_loadavg()}")
     print()
     print(table(rows, impls))
     if args.json:
