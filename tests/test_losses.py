@@ -201,7 +201,8 @@ def test_gradcheck(name):
     g, r = _gradcheck_inputs()
     inputs, fn = GRADCHECKS[name](r, g)
     inputs = tuple(x.detach().requires_grad_() for x in inputs)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+    # damsm has ~100 inputs: fast mode checks random directions of the Jacobian instead of every column
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=name == "damsm")
 
 
 # -- closed forms ------------------------------------------------------------------------------------------
