@@ -13,6 +13,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ABLATION ?=
 SEEDS    ?=
 QUICK    ?=
+JOBS     ?= 2
+
 ARGS     ?=
 CONFIG   ?= experiments/base.yaml
 
@@ -39,7 +41,7 @@ smoke: install  ## a few steps of tiny everything (< 1 min)
 	$(PY) -m lightning_clip fit --config experiments/base.yaml --config experiments/smoke.yaml $(ARGS)
 
 ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1)
-	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick)
+	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS)
 
 test: install  ## the test suite without the slow end-to-end tests (< 5 min)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" -q

@@ -13,12 +13,26 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_clip.callbacks import default_callbacks
 from lightning_clip.data import ClipDataModule
 from lightning_clip.module import ClipModule
+
+
+def _share_cores(datamodule) -> None:
+    """Give the training process the cores the loader workers leave free.
+
+    Torch's default (one intra-op thread per core) plus the DataLoader workers oversubscribes a small
+    machine: on 2 cores with 2 workers a step measured 4x slower than with one training thread. A user's
+    OMP_NUM_THREADS always wins.
+    """
+    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+        return
+    workers = getattr(datamodule, "num_workers", 0) or 0
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
 
 
 class ClipCLI(LightningCLI):
@@ -42,6 +56,7 @@ class ClipCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        _share_cores(cfg.get("data"))
         trainer_cfg = cfg.get("trainer", {})
         kwargs["callbacks"] = list(trainer_cfg.get("callbacks") or []) + default_callbacks()
         if trainer_cfg.get("logger") in (None, True):  # an explicit logger (or False) in the config wins
