@@ -34,12 +34,12 @@ def siglip_terms(image: Tensor, text: Tensor, logit_scale, logit_bias, *, normal
         image, text = normalize(image), normalize(text)
     rows = split_rows(image, text, gathered)
     logits = logit_scale * rows.image @ rows.text_all.T + logit_bias
-    positive = torch.zeros_like(logits, dtype=torch.bool)
-    positive[torch.arange(len(logits), device=logits.device), rows.labels] = True
-    # -log sigmoid(y z) = softplus(-y z)
-    per_pair = F.softplus(torch.where(positive, -logits, logits))
+    diag = logits[torch.arange(len(logits), device=logits.device), rows.labels]
+    # -log sigmoid(y z) = softplus(-y z). The negatives' sum is taken over the whole matrix minus the
+    # diagonal: no boolean masks or torch.where copies of the N x N matrix.
     b = logits.shape[0]
-    return {"positive": per_pair[positive].sum() / b, "negative": per_pair[~positive].sum() / b}
+    return {"positive": F.softplus(-diag).sum() / b,
+            "negative": (F.softplus(logits).sum() - F.softplus(diag).sum()) / b}
 
 
 def siglip(image: Tensor, text: Tensor, logit_scale, logit_bias, chunk_size: Optional[int] = None) -> Tensor:
