@@ -214,6 +214,13 @@ class ClipModule(L.LightningModule):
         return {"loss": out.loss, "emb": emb.map(lambda t: t.detach().float() if t.is_floating_point() else t),
                 "meta": batch.get("meta", {})}
 
+    def on_validation_epoch_end(self) -> None:
+        # Nothing is dropped silently: bad samples skipped by the loader so far (train and val, all
+        # workers of this process), summed over ranks.
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "skipped"):
+            self.log("data/skipped", float(dm.skipped), reduce_fx="sum", sync_dist=True)
+
     def optimizer_step(self, *args, **kwargs):  # automatic optimisation only
         super().optimizer_step(*args, **kwargs)
         self.loss.clamp_()

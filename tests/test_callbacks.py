@@ -361,7 +361,7 @@ def test_clip_module_fit_logs_callback_tags(tmp_path, loss, monkeypatch):
               "--trainer.log_every_n_steps=1",
               f"--data.train_shards={shards / 'train'}", f"--data.val_shards={shards / 'val'}",
               "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=0",
-              "--model.image_model_args={patch_size: 8}"])
+              "--model.image_model=test_vit", "--model.image_model_args={patch_size: 8}"])
     _, scalars, histograms, hparams = read_events(run)
     assert {"val/i2t/R@1", "val/t2i/R@5", "val/semantic/t2i/R@1"} <= scalars
     # families without a learned scale (probabilistic: the variance sets the sharpness) log none
