@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import types
 
 import lightning as L
@@ -43,7 +44,7 @@ class SigmoidLike(ContrastiveLoss):
 
 # -- a small synthetic validation set: 6 images x 3 captions, with real scenes and constraints --------------
 def world(n_images=6, caps=3, dim=8, seed=0):
-    rng = np.random.default_rng(seed)
+    rng = random.Random(seed)  # the generator draws scenes and captions from random.Random
     g = torch.Generator().manual_seed(seed)
     items = []
     for i in range(n_images):
