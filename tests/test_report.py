@@ -181,13 +181,11 @@ def test_series_cells_are_grouped():
 
 
 # ----------------------------------------------------------------------------------- the notebook
-def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+def execute_notebook(tmp_path, monkeypatch, runs, results, ablation="losses"):
+    """Run notebooks/compare_losses.ipynb top to bottom on `runs`/`results`; returns its code outputs."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    runs, results = tmp_path / "runs", tmp_path / "results"
-    make_fake_ablation(runs)
-    report.write_report("losses", runs, results, plots=False)
     # a kernel spec for this interpreter, so the notebook runs in the environment under test
     spec = tmp_path / "jupyter" / "kernels" / "lightning-clip-test"
     spec.mkdir(parents=True)
@@ -195,7 +193,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "lightning-clip test", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("ABLATION", "losses")
+    monkeypatch.setenv("ABLATION", ablation)
     monkeypatch.setenv("LIGHTNING_CLIP_RUNS", str(runs))
     monkeypatch.setenv("LIGHTNING_CLIP_RESULTS", str(results))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
@@ -208,6 +206,14 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    make_fake_ablation(runs)
+    report.write_report("losses", runs, results, plots=False)
+    outputs = execute_notebook(tmp_path, monkeypatch, runs, results)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2, "the bars and the curves are drawn"
     text = "".join(o.get("text", "") for o in outputs)
