@@ -55,6 +55,7 @@ tensorboard: install  ## TensorBoard over runs/ (or runs/$(ABLATION))
 bench: install  ## the benchmark scripts (figures go to stdout; see BENCHMARKS.md)
 	$(PY) benchmarks/loss_memory.py --sizes 4096 8192 16384
 	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/train_throughput.py --steps 40
 
 clean:  ## remove runs, results of quick runs, caches (keeps .venv and data)
 	rm -rf runs lightning_logs .pytest_cache results/quick
