@@ -39,6 +39,8 @@ def test_quick_ablation_survives_kill_and_resumes(tmp_path, monkeypatch):
 
     done = subprocess.run(_runner(runs, results), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # quick mode keeps its own folders, so it never mixes with a full run's stamps
+    runs, results = runs / "quick", results / "quick"
     stamps = sorted(p.parent.relative_to(runs).as_posix() for p in runs.glob("**/DONE"))
     assert stamps == ["losses/infonce/seed_0", "losses/siglip/seed_0"]
     assert all((runs / s / "final_metrics.json").is_file() for s in stamps)
@@ -46,7 +48,7 @@ def test_quick_ablation_survives_kill_and_resumes(tmp_path, monkeypatch):
     assert "infonce" in table and "siglip" in table
 
     # a third call has nothing left to do
-    again = subprocess.run(_runner(runs, results), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(_runner(runs.parent, results.parent), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already complete" in again.stdout + again.stderr
 
     outputs = execute_notebook(tmp_path, monkeypatch, runs, results)
