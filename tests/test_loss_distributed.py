@@ -80,6 +80,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             ddp = nn.parallel.DistributedDataParallel(model)
             results[case_id(case)] = loss_and_grads(model, ddp(batch))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks done before either tears down: a peer closing its gloo pairs under the other's
+        # feet aborted a process once ("terminate called without an active exception") on a loaded box
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
