@@ -27,6 +27,7 @@ class ClipModule(L.LightningModule):
         image_pretrained: bool = False,
         image_model_args: Optional[dict[str, Any]] = None,
         image_size: Optional[int] = 64,
+        channels_last: bool = True,
         text_model: Optional[str] = None,
         text_config: Optional[dict[str, Any]] = None,
         text_pooling: str = "mean",
@@ -49,6 +50,7 @@ class ClipModule(L.LightningModule):
             image_pretrained: load timm's pretrained weights (needs the hub).
             image_model_args: extra keyword arguments for `timm.create_model` (e.g. `patch_size`).
             image_size: input resolution (linked from `data.image_size`); ViTs need it at build time.
+            channels_last: run the image tower in NHWC memory layout (faster convolutions on CPU and GPU).
             text_model: a transformers name or path; empty builds a small BERT from `text_config`.
             text_config: `BertConfig` overrides for the offline text tower.
             text_pooling: `mean` over real tokens or the `cls` token.
@@ -72,7 +74,7 @@ class ClipModule(L.LightningModule):
         self.loss = build_loss(loss, **(loss_args or {}))
         needs = self.loss.needs
         self.image_tower = ImageTower(image_model, pretrained=image_pretrained, image_size=image_size,
-                                      **(image_model_args or {}))
+                                      channels_last=channels_last, **(image_model_args or {}))
         self.text_tower = TextTower(text_model, text_config, vocab_size=vocab_size, pad_token_id=pad_token_id,
                                     pooling=text_pooling)
         self.image_head = ProjectionHead(self.image_tower.num_features, embed_dim, head)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from lightning_clip.data import convert
@@ -38,7 +39,7 @@ def test_flickr_folder_with_split_list(tmp_path):
     recs = _by_source(tmp_path / "out")
     assert [r.captions for r in recs.values()] == [["1.jpg caption 0", "1.jpg caption 1"],
                                                    ["3.png caption 0", "3.png caption 1"]]
-    assert all(r.image.size == (24, 24) for r in recs.values())
+    assert all(r.image.shape == (3, 24, 24) and r.image.dtype == torch.uint8 for r in recs.values())
 
 
 def test_flickr_token_file_format_is_checked(tmp_path):
@@ -60,7 +61,7 @@ def test_coco_captions_json(tmp_path):
     assert len(expand_shards(str(tmp_path / "out"))) == 2
     recs = list(_by_source(tmp_path / "out").values())
     assert [r.captions for r in recs] == [["a plate of food", "broccoli on a plate"], ["a giraffe"]]
-    assert recs[0].image.size == (40, 30)  # JPEG copied as is without --image-size
+    assert recs[0].image.shape == (3, 30, 40)  # JPEG copied as is without --image-size (H, W)
 
 
 @pytest.mark.parametrize("sep, suffix", [(",", ".csv"), ("\t", ".tsv")])

@@ -47,9 +47,11 @@ def test_batch_follows_the_contract(world):
     assert b["input_ids"].shape == b["attention_mask"].shape == (8, 32)
     assert b["input_ids"].dtype == b["attention_mask"].dtype == torch.long
     assert torch.equal(b["input_ids"] == 0, b["attention_mask"] == 0)
+    light = {"key", "caption", "image_id", "image_group", "text_group", "specificity", "num_objects"}
+    assert set(b["meta"]) == light  # training batches carry no ground truth (only validation reads it)
+    b = next(iter(dm.val_dataloader()))
     m = b["meta"]
-    assert set(m) == {"key", "caption", "image_id", "image_group", "text_group", "specificity", "num_objects",
-                      "scene", "constraints"}
+    assert set(m) == light | {"scene", "constraints"}
     for name in ("image_id", "image_group", "text_group", "specificity", "num_objects"):
         assert m[name].shape == (8,) and m[name].dtype == torch.long
     assert all(1 <= s <= 4 for s in m["specificity"].tolist())
@@ -216,3 +218,12 @@ def test_url_shards_are_opened_with_gopen(world):
     dm.setup("validate")
     keys = [k for b in dm.val_dataloader() for k in b["meta"]["key"]]
     assert len(keys) == 5 * 3 and dm.skipped == 0
+
+
+def test_device_transfer_moves_tensors_and_leaves_meta_lists_alone(world):
+    dm = _dm(world)
+    b = next(iter(dm.val_dataloader()))
+    moved = dm.transfer_batch_to_device(b, torch.device("meta"), 0)
+    assert moved["image"].device.type == moved["input_ids"].device.type == "meta"
+    assert moved["meta"]["image_id"].device.type == "meta"
+    assert moved["meta"]["scene"] is b["meta"]["scene"] and moved["meta"]["key"] is b["meta"]["key"]

@@ -17,7 +17,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImageTransform:
-    """PIL image -> float tensor ``[3, S, S]``, normalised. Picklable (runs in DataLoader workers)."""
+    """uint8 tensor ``[3, H, W]`` (or a PIL image) -> float tensor ``[3, S, S]``, normalised. Picklable
+    (runs in DataLoader workers)."""
 
     def __init__(self, image_size: int = 64, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                  augment: bool = False, crop_scale: tuple[float, float] = (0.8, 1.0)):
@@ -28,10 +29,12 @@ class ImageTransform:
             geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
         self.geometry = v2.Compose(geometry)
         self.augment = augment
-        self.normalize = v2.Normalize(mean=list(mean), std=list(std))
+        # (x / 255 - mean) / std as one multiply-add per pixel, fused in place
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(3, 1, 1)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(3, 1, 1)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        x = v2.functional.pil_to_tensor(image)  # uint8 [3, H, W]
+    def __call__(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        x = image if isinstance(image, torch.Tensor) else v2.functional.pil_to_tensor(image.convert("RGB"))
         if self.augment or x.shape[-2:] != (self.image_size, self.image_size):
             x = self.geometry(x)
-        return self.normalize(x.to(torch.float32).div_(255.0))
+        return x.to(torch.float32).mul_(self.scale).add_(self.shift)
