@@ -82,3 +82,20 @@ def test_table_without_the_columns_names_them(tmp_path):
     table.write_text("path,text\nx.jpg,hi\n")
     with pytest.raises(ValueError, match="needs columns 'image_path' \\(or 'url'\\) and 'caption'"):
         list(convert.table_pairs(table))
+
+
+def test_images_torchvision_cannot_decode_fall_back_to_pil(tmp_path):
+    """decode_image tries torchvision first; a format it rejects (TIFF) is decoded by PIL, same pixels."""
+    import io
+
+    from lightning_clip.data.shards import decode
+
+    img = Image.new("RGB", (5, 3))
+    img.putdata([(10 * i, 255 - 10 * i, 7 * i) for i in range(15)])
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    rec = decode("s.tar", "k", {"jpg": buf.getvalue(), "txt": b"a caption"}, SkipPolicy(strict=True))
+    assert rec.image.dtype == torch.uint8 and rec.image.shape == (3, 3, 5)
+    assert rec.image[:, 1, 2].tolist() == [70, 185, 49]  # pixel index 7 (row 1, column 2)
+    with pytest.raises(Exception, match="undecodable image KEY.jpg"):
+        decode("s.tar", "k", {"jpg": b"not an image", "txt": b"a caption"}, SkipPolicy(strict=True))

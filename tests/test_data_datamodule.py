@@ -227,3 +227,18 @@ def test_device_transfer_moves_tensors_and_leaves_meta_lists_alone(world):
     assert moved["image"].device.type == moved["input_ids"].device.type == "meta"
     assert moved["meta"]["image_id"].device.type == "meta"
     assert moved["meta"]["scene"] is b["meta"]["scene"] and moved["meta"]["key"] is b["meta"]["key"]
+
+
+def test_transform_takes_tensors_and_pil_alike_and_normalises():
+    from PIL import Image
+
+    from lightning_clip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+
+    x = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    pil = Image.fromarray(x.permute(1, 2, 0).numpy())
+    t = ImageTransform(8)
+    out = t(x)
+    torch.testing.assert_close(out, t(pil))
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    torch.testing.assert_close(out, (x.float() / 255 - mean) / std)
+    assert ImageTransform(4)(x).shape == (3, 4, 4)  # resize + centre crop when the size differs

@@ -46,6 +46,26 @@ def test_cnn_tower_takes_any_size():
     assert m(batch()).image.shape == (4, 16)
 
 
+@pytest.mark.parametrize("image_model", ["test_resnet", "test_vit"])
+def test_channels_last_is_a_layout_change_only(image_model):
+    torch.manual_seed(0)
+    nhwc = ClipModule(image_model=image_model, channels_last=True, **TINY).double()
+    nchw = ClipModule(image_model=image_model, channels_last=False, **TINY).double()
+    nchw.load_state_dict(nhwc.state_dict())
+    conv = next(p for p in nhwc.image_tower.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    b = batch()
+    b["image"] = b["image"].double()
+    a, c = nhwc(b), nchw(b)
+    torch.testing.assert_close(a.image, c.image, rtol=1e-10, atol=1e-12)
+    a.image.sum().backward()
+    c.image.sum().backward()
+    ga = [p.grad for p in nhwc.image_tower.parameters()]
+    gc = [p.grad for p in nchw.image_tower.parameters()]
+    for x, y in zip(ga, gc):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
 def test_log_scale_not_decayed_and_clamped_after_step():
     m = ClipModule(**TINY)
 
