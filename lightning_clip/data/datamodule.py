@@ -30,6 +30,9 @@ from lightning_clip.data.shards import Record, SkipPolicy, expand_shards, iter_c
 from lightning_clip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 BATCHING_MODES = ("image", "caption")
+# Items per training epoch: the size of the synthetic training set. Each epoch restarts the workers'
+# streams, and the first batch then waits for the shuffle buffer to refill, so epochs are kept long.
+EPOCH_LENGTH = 20000
 
 
 def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length: int,
@@ -74,7 +77,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[str], *, train: bool, batch_size: int, transform: ImageTransform,
                  tokenizer, max_length: int, on_bad: SkipPolicy, batching: str = "image",
-                 shuffle_buffer: int = 1000, epoch_length: int = 20000, seed: int = 0, rank: int = 0,
+                 shuffle_buffer: int = 1000, epoch_length: int = EPOCH_LENGTH, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0):
         super().__init__()
         self.shards, self.train, self.batch_size = shards, train, batch_size
@@ -179,9 +182,8 @@ class ClipDataModule(LightningDataModule):
             transformers name (needs the hub).
         tokenizer_vocab_size: vocabulary size of a trained WordPiece.
         tokenizer_cache: where trained tokenizers are cached (never the shard folder).
-        epoch_length: training items per epoch (training is resampled and infinite). Each epoch restarts
-            the workers' streams (a stall while the shuffle buffer refills), so epochs are kept long; the
-            default is the size of the synthetic training set.
+        epoch_length: training items per epoch (training is resampled and infinite); long by default,
+            because each epoch restarts the workers' streams (see `EPOCH_LENGTH`).
         shuffle_buffer: samples in the training shuffle buffer.
         batching: ``"image"`` (one item per image, one random caption) or ``"caption"`` (one item per
             caption: an image appears several times in a batch; group ids mark the positives).
@@ -200,7 +202,7 @@ class ClipDataModule(LightningDataModule):
                  batch_size: int = 64, val_batch_size: Optional[int] = None, num_workers: int = 2,
                  image_size: int = 64, max_length: int = 32, tokenizer: str = "auto",
                  tokenizer_vocab_size: int = 4000, tokenizer_cache: str = "data/tokenizers",
-                 epoch_length: int = 20000, shuffle_buffer: int = 1000, batching: str = "image",
+                 epoch_length: int = EPOCH_LENGTH, shuffle_buffer: int = 1000, batching: str = "image",
                  strict: bool = False, mean: tuple[float, float, float] = CLIP_MEAN,
                  std: tuple[float, float, float] = CLIP_STD, augment: bool = False,
                  generate: Optional[dict[str, Any]] = None, seed: int = 0):

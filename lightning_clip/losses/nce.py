@@ -41,6 +41,12 @@ def sample_negatives(n: int, k: int, generator: Optional[torch.Generator] = None
     return (r + (r >= anchor)).cpu()  # skip the anchor itself
 
 
+def _num_negatives(k) -> int:
+    if int(k) != k or k < 0:
+        raise ValueError(f"nce: num_negatives must be a non-negative integer, got {k!r}")
+    return int(k)
+
+
 def _binary_rows(anchor: Tensor, paired: Tensor, keys: Tensor, negatives: Tensor, scale, bias) -> Tensor:
     positive = scale * (anchor * paired).sum(-1) + bias                        # [B]
     negative = scale * torch.einsum("bd,bkd->bk", anchor, keys[negatives]) + bias  # [B, k]
@@ -53,14 +59,13 @@ def nce_terms(image: Tensor, text: Tensor, logit_scale, *, num_negatives: int,
               gathered: bool = False) -> dict[str, Tensor]:
     """``{"i2t", "t2i"}``: image anchors against sampled captions and caption anchors against images."""
     check_pair("nce", image, text)
-    if int(num_negatives) != num_negatives or num_negatives < 0:
-        raise ValueError(f"nce: num_negatives must be a non-negative integer, got {num_negatives!r}")
+    num_negatives = _num_negatives(num_negatives)
     if normalize_inputs:
         image, text = normalize(image), normalize(text)
     rows = split_rows(image, text, gathered)
     bias = 0.0 if logit_bias is None else logit_bias
     b = rows.image.shape[0]
-    idx = sample_negatives(len(rows.image_all), int(num_negatives), generator).to(image.device)
+    idx = sample_negatives(len(rows.image_all), num_negatives, generator).to(image.device)
     idx = idx[:, rows.offset: rows.offset + b]
     # the partner of a local anchor is local too
     return {"i2t": _binary_rows(rows.image, rows.text, rows.text_all, idx[0], logit_scale, bias),
@@ -81,12 +86,11 @@ class NCELoss(ContrastiveLoss):
 
     def __init__(self, num_negatives: int = 5, init_scale: float = 10.0, learn_scale: bool = True,
                  init_bias: Optional[float] = None, learn_bias: bool = True, seed: Optional[int] = 0):
-        if int(num_negatives) != num_negatives or num_negatives < 0:
-            raise ValueError(f"nce: num_negatives must be a non-negative integer, got {num_negatives!r}")
+        num_negatives = _num_negatives(num_negatives)
         super().__init__(init_scale=init_scale, learn_scale=learn_scale,
                          init_bias=-math.log(max(num_negatives, 1)) if init_bias is None else init_bias,
                          learn_bias=learn_bias)
-        self.num_negatives = int(num_negatives)
+        self.num_negatives = num_negatives
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def forward(self, emb: Embeddings) -> LossOutput:

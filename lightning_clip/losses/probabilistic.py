@@ -52,6 +52,12 @@ MODES = ("proposal", "gaussian")
 LN_STD_MIN, LN_STD_MAX = -5.0, 5.0
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"probabilistic: unknown mode {mode!r} (option model.loss_args.mode when training); "
+                         f"choose one of {MODES}")
+
+
 def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     """[Na, Nb] squared Euclidean distances, by the expansion (no [Na, Nb, D] intermediate)."""
     return (a * a).sum(-1)[:, None] + (b * b).sum(-1)[None, :] - 2 * a @ b.T
@@ -72,8 +78,7 @@ def probabilistic_terms(image: Tensor, text: Tensor, image_ln_std: Tensor, text_
                         gathered: bool = False) -> dict[str, Tensor]:
     """``{"i2t", "t2i"}``: cross-entropy of the image rows (caption variances) and of the caption rows
     (image variances)."""
-    if mode not in MODES:
-        raise ValueError(f"probabilistic: unknown mode {mode!r}; choose one of {MODES}")
+    _check_mode(mode)
     if image_ln_std is None or text_ln_std is None:
         raise ValueError("probabilistic: needs image_ln_std and text_ln_std (the variance heads)")
     check_pair("probabilistic", image, text, image_ln_std=image_ln_std, text_ln_std=text_ln_std)
@@ -110,9 +115,7 @@ class ProbabilisticLoss(ContrastiveLoss):
     needs = frozenset({"image_ln_std", "text_ln_std"})
 
     def __init__(self, mode: str = "proposal", normalize: bool = True):
-        if mode not in MODES:
-            raise ValueError(f"probabilistic: unknown mode {mode!r} (option model.loss_args.mode); "
-                             f"choose one of {MODES}")
+        _check_mode(mode)
         super().__init__()
         self.mode = mode
         self.normalize = normalize

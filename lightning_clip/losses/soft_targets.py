@@ -49,6 +49,12 @@ from lightning_clip.outputs import Embeddings, LossOutput
 MODES = ("tutorial", "fixed")
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"soft_targets: unknown mode {mode!r} (option model.loss_args.mode when training); "
+                         f"choose one of {MODES}")
+
+
 def _soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
     """The tutorial's `cross_entropy(preds, targets)`: -(targets * log_softmax(preds)).sum(1), per row."""
     return -(targets * torch.log_softmax(logits, dim=-1)).sum(1)
@@ -58,8 +64,7 @@ def _soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
 def soft_targets_terms(image: Tensor, text: Tensor, temperature, *, mode: str = "tutorial",
                        normalize_inputs: bool = False, gathered: bool = False) -> dict[str, Tensor]:
     """``{"i2t", "t2i"}`` (image rows, caption rows). ``temperature`` divides the logits (1 / scale)."""
-    if mode not in MODES:
-        raise ValueError(f"soft_targets: unknown mode {mode!r}; choose one of {MODES}")
+    _check_mode(mode)
     check_pair("soft_targets", image, text)
     if normalize_inputs:
         image, text = normalize(image), normalize(text)
@@ -100,9 +105,7 @@ class SoftTargetsLoss(ContrastiveLoss):
 
     def __init__(self, mode: str = "tutorial", init_scale: Optional[float] = None,
                  learn_scale: Optional[bool] = None):
-        if mode not in MODES:
-            raise ValueError(f"soft_targets: unknown mode {mode!r} (option model.loss_args.mode); "
-                             f"choose one of {MODES}")
+        _check_mode(mode)
         fixed = mode == "fixed"
         super().__init__(init_scale=init_scale if init_scale is not None else (1 / 0.07 if fixed else 1.0),
                          learn_scale=learn_scale if learn_scale is not None else fixed)
