@@ -6,6 +6,8 @@ Prints
 - generation samples/s of the synthetic world (one process, 64x64, JPEG, written to shards);
 - loader samples/s of `ClipDataModule` at the default config (batch 64, 2 workers, shuffle buffer 1000),
   steady state (the first batch, which includes worker start-up and the buffer fill, is excluded);
+- image decode, ms per image: PIL + PIL-to-tensor against the loader's `decode_image` (torchvision), on the
+  generated JPEGs, with a check that both give the same pixels;
 - `relevance_matrix` time for 2,500 captions x 500 images (the semantic-recall oracle);
 - training-step samples/s of `ClipModule` with the model section of experiments/base.yaml, fed from
   memory so that only the step is timed (when `lightning_clip.module` is importable).
@@ -73,6 +75,33 @@ def bench_relevance(root: Path) -> float:
     return dt
 
 
+def bench_decode(root: Path, limit: int = 2000) -> None:
+    import io
+    import tarfile
+
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from lightning_clip.data.shards import decode_image
+
+    shard = sorted((root / "train").glob("*.tar"))[0]
+    with tarfile.open(shard) as t:
+        raw = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".jpg")][:limit]
+    timings = {}
+    for name, fn in (("PIL + pil_to_tensor", lambda b: pil_to_tensor(Image.open(io.BytesIO(b)).convert("RGB"))),
+                     ("decode_image (torchvision)", decode_image)):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = [fn(b) for b in raw]
+            best = min(best, time.perf_counter() - t0)
+        timings[name] = (best / len(raw) * 1000, out)
+    (a_ms, a), (b_ms, b) = timings.values()
+    same = all(torch.equal(x, y) for x, y in zip(a, b))
+    print(f"image decode, {len(raw)} JPEGs of 64x64, best of 3: PIL + pil_to_tensor {a_ms:.3f} ms/image, "
+          f"decode_image {b_ms:.3f} ms/image ({a_ms / b_ms:.1f}x), identical pixels: {same}")
+
+
 def bench_training(dm: ClipDataModule, steps: int) -> float | None:
     try:
         from lightning_clip.module import ClipModule
@@ -120,6 +149,7 @@ def main() -> None:
         print(f"generation (1 process, 64x64): {gen:,.0f} samples/s")
         load, dm = bench_loader(root, a.batches)
         print(f"loader (batch 64, 2 workers):  {load:,.0f} samples/s")
+        bench_decode(root)
         bench_relevance(root)
         train = bench_training(dm, a.steps)
         if train is not None:

@@ -298,7 +298,7 @@ class ClipDataModule(LightningDataModule):
         """Moves the tensors of the batch dict and of its ``meta``; keys, captions and scenes stay put.
 
         Lightning's default walks every element of every nested list, which for a validation batch's
-        scene dicts is ~10^5 Python calls per batch, only to find nothing to move."""
+        scene dicts is thousands of Python calls per batch, only to find nothing to move."""
         if not (isinstance(batch, dict) and isinstance(batch.get("meta"), dict)):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
         move = lambda d: {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731

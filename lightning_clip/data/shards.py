@@ -192,8 +192,8 @@ def decode(shard: str, key: str, files: dict[str, bytes], on_bad: SkipPolicy) ->
 def decode_image(raw: bytes) -> torch.Tensor:
     """Encoded image -> uint8 RGB tensor ``[3, H, W]``; raises on corrupt or truncated data.
 
-    torchvision's libjpeg-turbo/libpng decoders go straight to a tensor: 0.05 ms for a 64 px JPEG against
-    0.13 ms through PIL plus the PIL-to-tensor copy (same pixels). Formats or files it rejects get a
+    torchvision's libjpeg-turbo/libpng decoders go straight to a tensor: 0.050 ms for a 64 px JPEG against
+    0.118 ms through PIL plus the PIL-to-tensor copy, same pixels (benchmarks/data_throughput.py). Formats or files it rejects get a
     second chance through PIL, so PIL's error is the one reported for a corrupt file."""
     try:
         return tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)

@@ -32,8 +32,9 @@ class ImageTower(nn.Module):
         self.num_features = self.model.num_features
         self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
         # NHWC lets oneDNN (CPU) and cuDNN (tensor cores) pick their fast convolution kernels: timm's
-        # test_resnet forward+backward at 64 px, batch 64, one CPU thread: 110 ms -> 72 ms. Same maths;
-        # only 4-D weights change layout, so a ViT is unaffected apart from its patch embedding.
+        # test_resnet forward+backward at 64 px, batch 64, one CPU thread: 112 -> 82 ms
+        # (benchmarks/tower_layout.py). Same maths; only 4-D weights change layout, so a ViT is unaffected
+        # apart from its patch embedding.
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
