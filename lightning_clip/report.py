@@ -184,6 +184,36 @@ def summarize(metrics: Mapping[str, Mapping[int, Mapping[str, float]]], baseline
     return rows
 
 
+def series_differences(metrics: Mapping[str, Mapping[int, Mapping[str, float]]], baseline: str | None) -> list[dict]:
+    """For a series ablation (cells `<series>-<prefix><number>`, see `_series`): each cell minus the baseline
+    series' cell *at the same number*, paired by seed (`siglip-b16` − `infonce-b16`). The table against the
+    single baseline cell mixes the series effect with the number's; this one isolates the series effect.
+    Rows carry ``cell``, ``versus`` and the `summarize` diff columns of the compared keys; [] otherwise."""
+    parsed = _series(list(metrics))
+    if not baseline or parsed is None or baseline not in parsed[0]:
+        return []
+    where, _ = parsed
+    base_series = where[baseline][0]
+    by_point = {point: cell for cell, point in where.items()}
+    keys = [k for k in present_keys(metrics) if _metric(k).compare]
+    rows = []
+    for cell, (series, x) in sorted(where.items(), key=lambda kv: (kv[1][1], kv[1][0])):
+        versus = by_point.get((base_series, x))
+        if series == base_series or versus is None:
+            continue
+        row: dict = {"cell": cell, "versus": versus}
+        for key in keys:
+            a = {s: m[key] for s, m in metrics[cell].items() if key in m}
+            b = {s: m[key] for s, m in metrics[versus].items() if key in m}
+            d = paired_difference(a, b) if a and b else None
+            if d is not None and d.n:
+                row.update({_col(key, "diff"): d.mean, _col(key, "diff_ci_low"): d.low,
+                            _col(key, "diff_ci_high"): d.high, _col(key, "diff_n"): d.n,
+                            _col(key, "diff_sig"): int(d.excludes_zero)})
+        rows.append(row)
+    return rows
+
+
 def present_keys(metrics: Mapping[str, Mapping[int, Mapping[str, float]]]) -> list[str]:
     """Known keys in table order, then any other numeric key (sorted), that some run logged."""
     seen = {k for seeds in metrics.values() for m in seeds.values() for k in m}
@@ -249,9 +279,26 @@ def _keys_of(rows: Sequence[dict], what: str = "mean") -> list[str]:
     return sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
 
 
+def _diff_cells(r: Mapping, keys: Sequence[str]) -> list[str]:
+    """`+1.2 [0.3, 2.1]` per key from a row's diff columns, bold where the interval excludes zero."""
+    cells = []
+    for k in keys:
+        m, d = _metric(k), r.get(_col(k, "diff"))
+        if d is None:
+            cells.append("")
+            continue
+        text = f"{_fmt(d, m):s}" if d < 0 else f"+{_fmt(d, m)}"
+        if r.get(_col(k, "diff_n"), 0) >= 2:
+            text += f" [{_fmt(r[_col(k, 'diff_ci_low')], m)}, {_fmt(r[_col(k, 'diff_ci_high')], m)}]"
+        cells.append(f"**{text}**" if r.get(_col(k, "diff_sig")) else text)
+    return cells
+
+
 def format_markdown(rows: Sequence[dict], ablation: str, *, confidence: float = CONFIDENCE,
-                    source: str | None = None, stamp: str | None = None) -> str:
-    """The results/<ablation>.md text: the table of means ± half-widths, then the paired differences.
+                    source: str | None = None, stamp: str | None = None,
+                    series: Sequence[dict] | None = None) -> str:
+    """The results/<ablation>.md text: the table of means ± half-widths, then the paired differences from
+    the baseline, then (``series``, from `series_differences`) those at the same setting.
     Only the METRICS columns; the CSV carries every numeric key of final_metrics.json."""
     keys = [k for k in _keys_of(rows) if k in BY_KEY]
     baseline = next((r["cell"] for r in rows if r.get("baseline")), None)
@@ -285,20 +332,18 @@ def format_markdown(rows: Sequence[dict], ablation: str, *, confidence: float = 
                   "excludes zero.", "",
                   "| cell | " + " | ".join(_metric(k).label for k in diff_keys) + " |",
                   "|---|" + "---:|" * len(diff_keys)]
-        for r in rows:
-            if r.get("baseline"):
-                continue
-            cells = []
-            for k in diff_keys:
-                m, d = _metric(k), r.get(_col(k, "diff"))
-                if d is None:
-                    cells.append("")
-                    continue
-                text = f"{_fmt(d, m):s}" if d < 0 else f"+{_fmt(d, m)}"
-                if r.get(_col(k, "diff_n"), 0) >= 2:
-                    text += f" [{_fmt(r[_col(k, 'diff_ci_low')], m)}, {_fmt(r[_col(k, 'diff_ci_high')], m)}]"
-                cells.append(f"**{text}**" if r.get(_col(k, "diff_sig")) else text)
-            lines.append(f"| `{r['cell']}` | " + " | ".join(cells) + " |")
+        lines += [f"| `{r['cell']}` | " + " | ".join(_diff_cells(r, diff_keys)) + " |"
+                  for r in rows if not r.get("baseline")]
+
+    series_keys = [k for k in _keys_of(series or [], "diff") if _metric(k).compare]
+    if series_keys:
+        lines += ["", "## Difference at the same setting, paired by seed", "",
+                  f"Each cell minus the baseline series' cell with the same number: mean [{pct}% interval]; "
+                  "**bold** where the interval excludes zero.", "",
+                  "| cell | versus | " + " | ".join(_metric(k).label for k in series_keys) + " |",
+                  "|---|---|" + "---:|" * len(series_keys)]
+        lines += [f"| `{r['cell']}` | `{r['versus']}` | " + " | ".join(_diff_cells(r, series_keys)) + " |"
+                  for r in series]
 
     described = [r for r in rows if r.get("description")]
     if described:
@@ -515,7 +560,8 @@ def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_di
     written = {
         "csv": atomic_write(results_dir / f"{ablation}.csv", to_csv(rows)),
         "md": atomic_write(results_dir / f"{ablation}.md",
-                           format_markdown(rows, ablation, source=ablation_dir.as_posix(), stamp=stamp)),
+                           format_markdown(rows, ablation, source=ablation_dir.as_posix(), stamp=stamp,
+                                           series=series_differences(metrics, manifest.get("baseline")))),
     }
     if plots:
         written["bars"] = save_figure(plot_bars(rows, title=ablation), results_dir / f"{ablation}_bars.png")

@@ -126,6 +126,32 @@ def test_summary_rows_mark_and_blank(tmp_path):
     assert table["`siglip`"].split("|")[bias_col].strip().startswith("-9.50")
 
 
+def test_series_ablation_compares_each_cell_with_the_baseline_series_at_the_same_number():
+    key = "val/t2i/R@1"
+    # siglip − infonce is +0.05 at b16 in every seed (tiny spread) and about 0 at b64 (noisy)
+    metrics = {
+        "infonce-b64": {s: {key: 0.30 + 0.01 * s} for s in range(3)},
+        "infonce-b16": {s: {key: 0.20 + 0.02 * s} for s in range(3)},
+        "siglip-b64": {s: {key: 0.30 + 0.01 * s + (0.02, -0.03, 0.01)[s]} for s in range(3)},
+        "siglip-b16": {s: {key: 0.25 + 0.02 * s + 0.001 * s} for s in range(3)},
+        "siglip-b32": {s: {key: 0.22} for s in range(3)},  # no infonce-b32: nothing to pair with
+    }
+    rows = {r["cell"]: r for r in report.series_differences(metrics, "infonce-b64")}
+    assert set(rows) == {"siglip-b16", "siglip-b64"}
+    assert rows["siglip-b16"]["versus"] == "infonce-b16" and rows["siglip-b64"]["versus"] == "infonce-b64"
+    expected = report.paired_difference({s: metrics["siglip-b16"][s][key] for s in range(3)},
+                                        {s: metrics["infonce-b16"][s][key] for s in range(3)})
+    assert rows["siglip-b16"][f"{key} diff"] == pytest.approx(expected.mean)
+    assert rows["siglip-b16"][f"{key} diff_sig"] == 1 and rows["siglip-b64"][f"{key} diff_sig"] == 0
+    md = report.format_markdown(report.summarize(metrics, "infonce-b64"), "batch_size",
+                                series=list(rows.values()))
+    section = md.split("## Difference at the same setting")[1]
+    line = next(x for x in section.splitlines() if x.startswith("| `siglip-b16`"))
+    assert "`infonce-b16`" in line and f"**+{100 * expected.mean:.1f} [" in line
+    assert report.series_differences({"infonce": metrics["infonce-b64"], "dcl": metrics["siglip-b64"]},
+                                     "infonce") == []  # not a series ablation
+
+
 def test_csv_round_trip(tmp_path):
     make_fake_ablation(tmp_path, events=False)
     rows = report.summarize(report.load_metrics(tmp_path / "losses"), "infonce")
