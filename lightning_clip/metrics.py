@@ -17,6 +17,11 @@ Definitions (the same in both directions):
   which always match), so a correct but unpaired answer is not punished. The gap between plain and
   semantic recall shows how much the plain metric undercounts on the generated world.
 - Recall values are fractions in [0, 1]; the median rank interpolates like ``numpy.median``.
+- **Oracle ceiling** (`oracle_ceiling`): the expected R@1 of a perfect scorer, score = relevance (the
+  oracle's, with the paired items always relevant) and ties broken uniformly at random. A vague caption
+  ("a red thing") that fits several images cannot be placed on its own one even by a perfect model: per
+  caption the chance is |own images| / |accepted images|, per image |own captions| / |accepted captions|,
+  averaged over the queries. Plain R@1 can exceed it only by luck (or by learning the pairing noise).
 
 Memory: scores are computed ``chunk_size`` queries at a time and only the ranks are kept, so 25,000 images
 x 125,000 captions never materialise (a chunk of 1,024 image queries against 125,000 captions is 0.5 GB
@@ -91,6 +96,30 @@ def first_occurrences(ids: Tensor) -> Tensor:
     return first.scatter_reduce(0, inverse, pos, reduce="amin")
 
 
+@torch.no_grad()
+def oracle_ceiling(relevance: Tensor, image_ids: Tensor, text_image_ids: Tensor) -> dict[str, Tensor]:
+    """Expected R@1 of the oracle scorer with uniformly random tie-breaking, per direction.
+
+    relevance: bool ``[Nt, Ni]`` (caption j matches image i); ``image_ids`` ``[Ni]`` (deduplicated images),
+    ``text_image_ids`` ``[Nt]`` (the image each caption was written for). The paired items always count
+    as accepted. t2i: mean over captions of |own images| / |accepted images|; i2t: mean over images of
+    |own captions| / |accepted captions|. Returns ``{"t2i/R@1", "i2t/R@1"}`` as 0-dim float tensors.
+    A query with nothing accepted (an image without captions) scores 0.
+    """
+    n_txt, n_img = text_image_ids.numel(), image_ids.numel()
+    if tuple(relevance.shape) != (n_txt, n_img):
+        raise ValueError(f"relevance must be [n_texts={n_txt}, n_images={n_img}], got {tuple(relevance.shape)}")
+    if n_txt == 0 or n_img == 0:
+        raise ValueError(f"the ceiling needs at least one image and one caption, got {n_img} and {n_txt}")
+    own = text_image_ids.reshape(-1, 1).to(image_ids.device) == image_ids.reshape(1, -1)
+    accepted = own | relevance.to(own.device, torch.bool)
+    out = {}
+    for name, dim in (("t2i", 1), ("i2t", 0)):
+        hits, total = own.sum(dim).double(), accepted.sum(dim).double()
+        out[f"{name}/R@1"] = (hits / total.clamp_min(1)).mean().float()
+    return out
+
+
 @dataclass
 class RetrievalResult:
     """Everything one validation pass measured. Per-item tensors are aligned with ``image_ids`` (images,
@@ -105,6 +134,10 @@ class RetrievalResult:
     text_ln_std: Optional[Tensor] = None
     image_extra: dict[str, Tensor] = field(default_factory=dict)
     text_extra: dict[str, Tensor] = field(default_factory=dict)
+    #: the image each caption (``text_ids`` order) was written for, and the oracle's relevance
+    #: ``[Nt, Ni]`` when the data has one (for `oracle_ceiling`)
+    text_image_ids: Optional[Tensor] = None
+    relevance: Optional[Tensor] = None
 
 
 def _chunks(n: int, size: int):
@@ -262,5 +295,6 @@ class RetrievalMetric(Metric):
             metrics=metrics, image_ids=result_ids[0], text_ids=result_ids[1], i2t_ranks=i2t, t2i_ranks=t2i,
             image_ln_std=pick(image_ln_std, img_rows), text_ln_std=pick(text_ln_std, txt_rows),
             image_extra={e: pick(_cat_state(getattr(self, f"image_{e}")), img_rows) for e in self.image_extras},
-            text_extra={e: pick(_cat_state(getattr(self, f"text_{e}")), txt_rows) for e in self.text_extras})
+            text_extra={e: pick(_cat_state(getattr(self, f"text_{e}")), txt_rows) for e in self.text_extras},
+            text_image_ids=image_id[txt_rows], relevance=relevance)
         return metrics

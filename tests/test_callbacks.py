@@ -20,7 +20,7 @@ from lightning_clip.callbacks.variance import recall_at_1_by_bin, spearman
 from lightning_clip.data.synthetic import relevance_matrix, sample_caption, sample_scene
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.infonce import InfoNCELoss
-from lightning_clip.metrics import retrieval_metrics
+from lightning_clip.metrics import oracle_ceiling, retrieval_metrics
 from lightning_clip.outputs import Embeddings, LossOutput
 
 
@@ -121,6 +121,7 @@ def test_retrieval_callback_logs_plain_and_semantic_recall():
     uniq = image[::3]
     relevance = relevance_matrix([it["constraints"] for it in items], [items[i]["scene"] for i in range(0, 18, 3)])
     want, _, _ = retrieval_metrics(uniq, text, img_ids[::3], img_ids, relevance=relevance)
+    want.update({f"ceiling/{k}": v for k, v in oracle_ceiling(relevance, img_ids[::3], img_ids).items()})
     assert set(module.logged) == {f"val/{k}" for k in want}
     for k, v in want.items():
         assert module.logged[f"val/{k}"] == pytest.approx(float(v)), k
@@ -134,7 +135,27 @@ def test_retrieval_callback_without_ground_truth_has_no_semantic_keys():
     module = FakeModule(InfoNCELoss())
     run_validation([RetrievalCallback()], module, items, image, text, with_truth=False)
     assert "val/t2i/R@1" in module.logged
-    assert not any("semantic" in k for k in module.logged)
+    assert not any("semantic" in k or "ceiling" in k for k in module.logged)
+
+
+def test_retrieval_callback_logs_the_oracle_ceiling():
+    items, image, text = world(n_images=8, caps=3, seed=3)
+    module = FakeModule(InfoNCELoss())
+    run_validation([RetrievalCallback()], module, items, image, text)
+    # by hand: per caption 1 / |images the oracle accepts (own included)|, per image 3 / |captions accepted|
+    scenes = [items[i]["scene"] for i in range(0, len(items), 3)]
+    rel = relevance_matrix([it["constraints"] for it in items], scenes)
+    own = torch.arange(8).repeat_interleave(3)
+    rel[torch.arange(24), own] = True
+    t2i = sum(1 / int(rel[j].sum()) for j in range(24)) / 24
+    i2t = sum(3 / int(rel[:, i].sum()) for i in range(8)) / 8
+    assert module.logged["val/ceiling/t2i/R@1"] == pytest.approx(t2i)
+    assert module.logged["val/ceiling/i2t/R@1"] == pytest.approx(i2t)
+    assert 0 < t2i <= 1 and 0 < i2t <= 1
+    # the ceiling depends on the oracle only, not on the embeddings
+    other = FakeModule(InfoNCELoss())
+    run_validation([RetrievalCallback()], other, items, image, image.clone())
+    assert other.logged["val/ceiling/t2i/R@1"] == module.logged["val/ceiling/t2i/R@1"]
 
 
 def test_retrieval_callback_skips_sanity_check_and_names_missing_outputs():
@@ -319,7 +340,7 @@ def test_tiny_fit_writes_tags_json_and_hparams(tmp_path, variance):
     acc, scalars, histograms, hparams = read_events(log_dir)
     expected = {f"val/{d}/R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     expected |= {"val/i2t/median_rank", "val/t2i/mean_rank", "val/semantic/t2i/R@1", "val/semantic/i2t/R@10",
-                 "temperature/scale", "temperature/log_scale", "train/loss", "val/loss"}
+                 "val/ceiling/t2i/R@1", "val/ceiling/i2t/R@1", "temperature/scale", "temperature/log_scale", "train/loss", "val/loss"}
     assert expected <= scalars, expected - scalars
     assert "temperature/bias" not in scalars                 # InfoNCE has no bias
     assert len(acc.Scalars("val/t2i/R@1")) == 2               # two validations, the sanity check not logged
@@ -334,6 +355,7 @@ def test_tiny_fit_writes_tags_json_and_hparams(tmp_path, variance):
         assert variance_tags == set()
     final = json.loads(open(os.path.join(log_dir, "final_metrics.json")).read())
     assert final["val/t2i/R@1"] == pytest.approx(acc.Scalars("val/t2i/R@1")[-1].value)
+    assert 0 < final["val/ceiling/t2i/R@1"] <= 1 and 0 < final["val/ceiling/i2t/R@1"] <= 1
     assert final["loss_family"] == ("fake_variance" if variance else "infonce")
     assert final["step"] == 4
     assert final["temperature/scale"] == pytest.approx(acc.Scalars("temperature/scale")[-1].value)

@@ -7,7 +7,8 @@ import statistics
 import pytest
 import torch
 
-from lightning_clip.metrics import RetrievalMetric, first_occurrences, rank_summary, retrieval_metrics, retrieval_ranks
+from lightning_clip.metrics import (RetrievalMetric, first_occurrences, oracle_ceiling, rank_summary, retrieval_metrics,
+                                    retrieval_ranks)
 
 
 # -- brute force: sort every candidate list, negatives first among equal scores (the pessimistic rule) ---
@@ -237,3 +238,70 @@ def test_metric_rejects_unknown_extras():
 
 def test_helpers():
     assert first_occurrences(torch.tensor([5, 3, 5, 3, 9])).tolist() == [1, 0, 4]
+
+
+# -- the oracle ceiling -----------------------------------------------------------------------------------
+def monte_carlo_ceiling(relevance, image_ids, text_image_ids, trials=4000, seed=0):
+    """R@1 of the oracle scorer (score = accepted, ties broken by uniform noise), averaged over trials."""
+    g = torch.Generator().manual_seed(seed)
+    own = text_image_ids[:, None] == image_ids[None, :]
+    accepted = (own | relevance).float()
+    out = {}
+    for name, acc, pos in (("t2i", accepted, own), ("i2t", accepted.T, own.T)):
+        hits = 0.0
+        for _ in range(trials // 100):
+            noise = torch.rand(100, *acc.shape, generator=g) * 0.5  # < 1: never lifts a rejected item
+            top = (acc[None] + noise).argmax(dim=-1)                  # [trials, Nq]
+            hits += pos.gather(1, top.T).float().sum().item()
+        out[f"{name}/R@1"] = hits / (trials * acc.shape[0])
+    return out
+
+
+def test_oracle_ceiling_hand_built():
+    # 3 images, 5 captions: captions 0, 1 of image 0; 2, 3 of image 1; 4 of image 2
+    image_ids = torch.tensor([10, 11, 12])
+    text_image_ids = torch.tensor([10, 10, 11, 11, 12])
+    relevance = torch.tensor([[1, 1, 1],    # vague: fits every image -> 1/3
+                              [1, 0, 0],    # specific -> 1
+                              [0, 1, 0],    # specific -> 1
+                              [0, 0, 0],    # own image only (the oracle missed it) -> 1
+                              [0, 1, 1]],   # fits images 1 and 2 -> 1/2
+                             dtype=torch.bool)
+    c = oracle_ceiling(relevance, image_ids, text_image_ids)
+    assert float(c["t2i/R@1"]) == pytest.approx((1 / 3 + 1 + 1 + 1 + 1 / 2) / 5)
+    # i2t: image 0 accepts captions {0, 1} (both own) -> 1; image 1 accepts {0, 2, 3, 4}, own {2, 3} -> 1/2;
+    # image 2 accepts {0, 4}, own {4} -> 1/2
+    assert float(c["i2t/R@1"]) == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    # a perfect oracle (nothing but the pairs) is 1 in both directions; everything relevant is |own| / N
+    none = torch.zeros(5, 3, dtype=torch.bool)
+    assert {k: float(v) for k, v in oracle_ceiling(none, image_ids, text_image_ids).items()} == {"t2i/R@1": 1.0,
+                                                                                                 "i2t/R@1": 1.0}
+    full = oracle_ceiling(torch.ones(5, 3, dtype=torch.bool), image_ids, text_image_ids)
+    assert float(full["t2i/R@1"]) == pytest.approx(1 / 3)
+    assert float(full["i2t/R@1"]) == pytest.approx((2 + 2 + 1) / 5 / 3)
+    with pytest.raises(ValueError, match="relevance must be"):
+        oracle_ceiling(relevance.T, image_ids, text_image_ids)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_oracle_ceiling_matches_monte_carlo_tie_breaking(seed):
+    g = torch.Generator().manual_seed(seed)
+    image_ids = torch.arange(6) * 7
+    text_image_ids = image_ids.repeat_interleave(3)[torch.randperm(18, generator=g)]
+    relevance = torch.rand(18, 6, generator=g) < 0.35
+    want = monte_carlo_ceiling(relevance, image_ids, text_image_ids, seed=seed)
+    got = oracle_ceiling(relevance, image_ids, text_image_ids)
+    for k in want:  # 4000 trials x 18 (or 6) queries: the standard error is below 0.004
+        assert float(got[k]) == pytest.approx(want[k], abs=0.015), k
+    assert float(got["t2i/R@1"]) < 0.9  # the random relevance really is vague
+
+
+def test_metric_result_keeps_relevance_and_caption_images():
+    m = RetrievalMetric(relevance_fn=lambda img, txt: torch.ones(txt.numel(), img.numel(), dtype=torch.bool))
+    image = torch.randn(4, 3)
+    m.update(image, image + 0.1, torch.tensor([5, 5, 6, 6]), torch.tensor([0, 1, 2, 3]))
+    m.compute()
+    res = m.last_result
+    assert res.text_image_ids.tolist() == [5, 5, 6, 6] and res.relevance.shape == (4, 2)
+    c = oracle_ceiling(res.relevance, res.image_ids, res.text_image_ids)
+    assert float(c["t2i/R@1"]) == pytest.approx(0.5) and float(c["i2t/R@1"]) == pytest.approx(0.5)

@@ -10,6 +10,11 @@ the match it was trained for.
 Semantic relevance needs each image's scene and each caption's constraints (synthetic data only): they are
 collected per id here, gathered across ranks as python objects, and turned into a relevance matrix by
 `lightning_clip.data.synthetic.relevance_matrix`. Real data has ``None`` there and gets no semantic keys.
+
+With the relevance the callback also logs the oracle ceiling, ``val/ceiling/{t2i,i2t}/R@1``
+(`lightning_clip.metrics.oracle_ceiling`): the expected R@1 of a perfect scorer that breaks ties at random,
+i.e. what the vague captions leave reachable. It is constant for a validation set and costs two reductions
+over the relevance matrix (2,500 x 500 on the default world), so it is simply recomputed each epoch.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_clip.metrics import DEFAULT_CHUNK, DEFAULT_KS, RetrievalMetric, RetrievalResult
+from lightning_clip.metrics import DEFAULT_CHUNK, DEFAULT_KS, RetrievalMetric, RetrievalResult, oracle_ceiling
 
 IMAGE_EXTRAS = ("num_objects",)
 TEXT_EXTRAS = ("specificity",)
@@ -59,7 +64,8 @@ def _gather_objects(local: dict) -> dict:
 
 class RetrievalCallback(L.Callback):
     """Logs ``val/{i2t,t2i}/R@k``, ``val/{i2t,t2i}/{median,mean}_rank`` and, on synthetic data,
-    ``val/semantic/{i2t,t2i}/R@k``. ``last_metrics`` keeps the last logged values (floats)."""
+    ``val/semantic/{i2t,t2i}/R@k`` and the oracle ceiling ``val/ceiling/{t2i,i2t}/R@1``. ``last_metrics``
+    keeps the last logged values (floats)."""
 
     def __init__(self, ks: Sequence[int] = DEFAULT_KS, chunk_size: int = DEFAULT_CHUNK, prefix: str = "val"):
         self.ks = tuple(ks)
@@ -138,7 +144,11 @@ class RetrievalCallback(L.Callback):
         if res is None:
             return
         self.last_metrics = {}
-        for name, value in res.metrics.items():
+        logged = dict(res.metrics)
+        if res.relevance is not None and res.text_image_ids is not None:
+            logged.update({f"ceiling/{k}": v for k, v in
+                           oracle_ceiling(res.relevance, res.image_ids, res.text_image_ids).items()})
+        for name, value in logged.items():
             key = f"{self.prefix}/{name}"
             # already global (the metric gathered every rank), so no second reduction
             pl_module.log(key, value, sync_dist=False, on_step=False, on_epoch=True, batch_size=1)
