@@ -18,6 +18,9 @@ becomes the cell's description in the tables); lines starting with `# @` are dir
     # @data VAR DEFAULT  the cell reads shards from $VAR (default DEFAULT), a folder with train/ and val/;
                          the runner passes --data.train_shards/--data.val_shards, and skips the cell with
                          a message when the folder is absent (real data is not on every machine)
+    # @seeds N           the ablation's default number of seeds (0..N-1) instead of 3, for every one of
+                         its cells; it may stand in any cell (one is enough), and cells that state it
+                         must agree. `--seeds` on the command line overrides it; `--quick` uses 1.
 
 Resumability: a run is complete when its folder holds a `DONE` stamp, written only after the command
 exited 0 and left final_metrics.json. A second call skips complete runs; a folder without a stamp
@@ -58,7 +61,7 @@ PREFERRED_ORDER = ("losses", "batch_size", "duplicates", "variance", "real")
 DEFAULT_SEEDS, QUICK_SEEDS = 3, 1
 CMD_ENV = "LIGHTNING_CLIP_ABLATE_CMD"  # replaces `python -m lightning_clip fit` (tests use a fake)
 STAMP, LOG, PID_FILE, METRICS, MANIFEST = "DONE", "run.log", "PID", "final_metrics.json", "ablation.json"
-DIRECTIVES = ("baseline", "quick", "data")
+DIRECTIVES = ("baseline", "quick", "data", "seeds")
 
 
 # ----------------------------------------------------------------------------------------- the grid
@@ -71,6 +74,7 @@ class Cell:
     baseline: bool = False
     quick: bool = False
     data: tuple[str, str] | None = None  # (environment variable, default folder)
+    seeds: int | None = None  # `# @seeds N`: the ablation's default seed count
 
     def data_root(self, environ=os.environ) -> Path | None:
         if self.data is None:
@@ -88,11 +92,28 @@ class Ablation:
     def baseline(self) -> Cell:
         return next(c for c in self.cells if c.baseline)
 
+    @property
+    def default_seeds(self) -> int:
+        """The `# @seeds N` of its cells (they agree; `load_ablation` checks), else DEFAULT_SEEDS."""
+        return next((c.seeds for c in self.cells if c.seeds is not None), DEFAULT_SEEDS)
+
+
+def seeds_for(ablation: Ablation, cli_seeds: int | None = None, quick: bool = False) -> list[int]:
+    """The seeds of one ablation: `--seeds` if given, else 1 with --quick, else the cells' `# @seeds N`,
+    else DEFAULT_SEEDS."""
+    if cli_seeds is not None:
+        n = cli_seeds
+    elif quick:
+        n = QUICK_SEEDS
+    else:
+        n = ablation.default_seeds
+    return list(range(n))
+
 
 def parse_cell(path: Path, ablation: str) -> Cell:
     """Read a cell's description and directives from its leading comment lines."""
     path = Path(path)
-    description, flags, data = "", set(), None
+    description, flags, data, seeds = "", set(), None, None
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
         if not line:
@@ -109,13 +130,17 @@ def parse_cell(path: Path, ablation: str) -> Cell:
                     raise ValueError(f"{path}: '# @data' takes a variable and a default folder, "
                                      f"e.g. '# @data REAL_SHARDS ../shared/data/flickr8k-96'; got {args}")
                 data = (args[0], args[1])
+            elif word == "seeds":
+                if len(args) != 1 or not args[0].isdigit() or int(args[0]) < 1:
+                    raise ValueError(f"{path}: '# @seeds' takes one positive integer, e.g. '# @seeds 1'; got {args}")
+                seeds = int(args[0])
             else:
                 flags.add(word)
         elif not description:
             description = body
     if not description:
         raise ValueError(f"{path}: a cell starts with a one-line comment saying what it tests")
-    return Cell(ablation, path.stem, path, description, "baseline" in flags, "quick" in flags, data)
+    return Cell(ablation, path.stem, path, description, "baseline" in flags, "quick" in flags, data, seeds)
 
 
 def load_ablation(name: str, ablations_dir: Path = ABLATIONS_DIR) -> Ablation:
@@ -130,6 +155,10 @@ def load_ablation(name: str, ablations_dir: Path = ABLATIONS_DIR) -> Ablation:
     if len(baselines) != 1:
         raise SystemExit(f"ablation '{name}' needs exactly one cell marked '# @baseline', found "
                          f"{baselines or 'none'} in {folder}")
+    stated = {c.name: c.seeds for c in cells if c.seeds is not None}
+    if len(set(stated.values())) > 1:
+        raise SystemExit(f"ablation '{name}': its cells disagree on '# @seeds' ("
+                         + ", ".join(f"{c}: {n}" for c, n in sorted(stated.items())) + "); state one number")
     # baseline first: tables and plots read top-down from the reference
     cells.sort(key=lambda c: not c.baseline)
     return Ablation(name, tuple(cells))
@@ -485,7 +514,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablation", nargs="+", metavar="NAME",
                    help="ablations to run (default: every folder under --ablations-dir)")
     p.add_argument("--seeds", type=int, default=None,
-                   help=f"seeds per cell, 0..N-1 (default {DEFAULT_SEEDS}; {QUICK_SEEDS} with --quick)")
+                   help=f"seeds per cell, 0..N-1, for every ablation (default: the ablation's '# @seeds N', else "
+                        f"{DEFAULT_SEEDS}; {QUICK_SEEDS} with --quick)")
     p.add_argument("--quick", action="store_true",
                    help=f"only the '# @quick' cells, {QUICK_CONFIG} on top, into <runs-dir>/quick and "
                         "<results-dir>/quick")
@@ -509,6 +539,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.extra = extra
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.seeds is not None and args.seeds < 1:
+        p.error("--seeds must be >= 1")
     return args
 
 
@@ -517,7 +549,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for required in [args.base, *([QUICK_CONFIG] if args.quick else [])]:
         if not Path(required).is_file():
             raise SystemExit(f"{required} not found: run from the repository root (or pass --base)")
-    seeds = list(range(args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)))
     runs_dir = args.runs_dir / "quick" if args.quick else args.runs_dir
     results_dir = args.results_dir / "quick" if args.quick else args.results_dir
     names = args.ablation or available(args.ablations_dir)
@@ -532,7 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"--quick: skipping ablation '{a.name}' (none of its cells is marked '# @quick')")
         ablations = [dataclasses.replace(a, cells=tuple(c for c in a.cells if c.quick or c.baseline))
                      for a in ablations if any(c.quick for c in a.cells)]
-    plans = {a.name: plan_runs(a, seeds, runs_dir, base=args.base, quick_config=QUICK_CONFIG if args.quick else None,
+    seeds = {a.name: seeds_for(a, args.seeds, args.quick) for a in ablations}
+    plans = {a.name: plan_runs(a, seeds[a.name], runs_dir, base=args.base, quick_config=QUICK_CONFIG if args.quick else None,
                                extra=args.extra) for a in ablations}
     runs = [r for plan in plans.values() for r in plan]
     if args.dry_run:
@@ -541,14 +573,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     progress = Progress(len(runs), args.jobs)
-    print(f"ablate: {', '.join(plans)}; seeds {seeds}; {len(runs)} runs into {runs_dir}"
+    counts = {len(v) for v in seeds.values()}
+    seed_text = (f"seeds {next(iter(seeds.values()))}" if len(counts) <= 1 and seeds else
+                 "seeds per ablation " + ", ".join(f"{n}: {len(v)}" for n, v in seeds.items()))
+    print(f"ablate: {', '.join(plans)}; {seed_text}; {len(runs)} runs into {runs_dir}"
           + (" (quick)" if args.quick else ""), flush=True)
     command = shlex.split(args.cmd) if args.cmd else None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with _Lock(runs_dir):
             for a in ablations:
-                write_manifest(a, runs_dir, seeds)
+                write_manifest(a, runs_dir, seeds[a.name])
             failures = execute(runs, command=command, jobs=args.jobs, runs_dir=runs_dir, progress=progress)
     except KeyboardInterrupt:
         print("\ninterrupted: complete runs keep their stamps; run the same command again to resume",
