@@ -48,10 +48,11 @@ def test_batch_follows_the_contract(world):
     assert b["input_ids"].dtype == b["attention_mask"].dtype == torch.long
     assert torch.equal(b["input_ids"] == 0, b["attention_mask"] == 0)
     light = {"key", "caption", "image_id", "image_group", "text_group", "specificity", "num_objects"}
-    assert set(b["meta"]) == light  # training batches carry no ground truth (only validation reads it)
+    # training batches carry no scene/constraint dicts (only validation reads them), only the oracle's matrix
+    assert set(b["meta"]) == light | {"relevance"}
     b = next(iter(dm.val_dataloader()))
     m = b["meta"]
-    assert set(m) == light | {"scene", "constraints"}
+    assert set(m) == light | {"scene", "constraints", "relevance"}
     for name in ("image_id", "image_group", "text_group", "specificity", "num_objects"):
         assert m[name].shape == (8,) and m[name].dtype == torch.long
     assert all(1 <= s <= 4 for s in m["specificity"].tolist())

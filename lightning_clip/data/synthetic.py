@@ -132,27 +132,37 @@ for _attr, _values in ATTRIBUTES.items():
         _offset += 1
 
 
+# Every real object and every description also carries this bit, so that a padding slot (0) satisfies
+# no description, not even one that names no attribute.
+_REAL = 1 << _offset
+
+
+_BITS_CACHE: dict[tuple, int] = {}  # (attribute, value) pairs -> bitset; at most a few thousand keys
+
+
 def _bits(obj: dict, what: str) -> int:
-    try:
-        return sum(_BIT[(a, v)] for a, v in obj.items())
-    except KeyError:
-        _check_values(obj, what)
-        raise
+    key = tuple(obj.items())
+    bits = _BITS_CACHE.get(key)
+    if bits is None:
+        try:
+            bits = sum(_BIT[a] for a in key) | _REAL
+        except KeyError:
+            _check_values(obj, what)
+            raise
+        _BITS_CACHE[key] = bits
+    return bits
 
 
-def _encode(items: Sequence[dict], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(items: Sequence[dict], what: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows of attribute bitsets (0-padded) and the number of real entries per row."""
-    width = max((len(x["objects"]) for x in items if x is not None), default=0)
-    out = torch.zeros(len(items), max(width, 1), dtype=torch.int32)  # 25 bits fit
-    counts = torch.zeros(len(items), dtype=torch.long)
+    rows = []
     for i, x in enumerate(items):
         if x is None:
             raise ValueError(f"{what} {i} is None: real data has no ground truth for the oracle")
-        counts[i] = len(x["objects"])
-        for j, o in enumerate(x["objects"]):
-            out[i, j] = _bits(o, what)
-    # A zero entry is "no object" in a scene (it satisfies only an empty description) and "no
-    # constraint" in a caption (satisfied by anything): both are what padding needs.
+        rows.append([_bits(o, what) for o in x["objects"]])
+    counts = np.array([len(r) for r in rows], dtype=np.int64)
+    width = max(int(counts.max(initial=0)), 1)
+    out = np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int32).reshape(len(rows), width)
     return out, counts
 
 
@@ -160,37 +170,32 @@ def relevance_matrix(constraints_list: Sequence[dict], scenes_list: Sequence[dic
                      chunk: int = 1024) -> torch.BoolTensor:
     """``[n_captions, n_images]``: entry (c, i) is ``matches(constraints_list[c], scenes_list[i])``.
 
-    Each object is an attribute bitset (one bit per attribute value); a description is satisfied by an
-    object when ``object & description == description``. Distinctness of the matched objects is
-    enforced by trying every injective assignment of descriptions to (0-padded) object slots. Captions
-    are processed grouped by their number of descriptions k, so the common k = 1 costs one pass over
-    the slots instead of every permutation.
+    Each object is an attribute bitset (one bit per attribute value, plus a "real object" bit that
+    padding lacks); a description is satisfied by an object when ``object & description ==
+    description``. Distinctness of the matched objects is enforced by trying every injective
+    assignment of descriptions to (0-padded) object slots, all at once by fancy indexing. Captions are
+    processed grouped by their number of descriptions k, so the common k = 1 costs one comparison per
+    slot instead of every permutation. numpy, not torch: on a training batch (64 x 64, in the loader
+    worker) the per-call overhead of a few dozen small torch ops was ~1 ms; this is ~0.1 ms.
     """
     desc, n_desc = _encode(constraints_list, "constraints")
     objs, _ = _encode(scenes_list, "scene")
     slots = max(desc.shape[1], objs.shape[1])
-    objs = torch.nn.functional.pad(objs, (0, slots - objs.shape[1]))
-    out = torch.zeros(len(constraints_list), len(scenes_list), dtype=torch.bool)
-    for k in n_desc.unique().tolist():
-        rows = (n_desc == k).nonzero().squeeze(1)
+    objs = np.pad(objs, ((0, 0), (0, slots - objs.shape[1])))
+    out = np.zeros((len(constraints_list), len(scenes_list)), dtype=bool)
+    for k in np.unique(n_desc).tolist():
+        rows = np.flatnonzero(n_desc == k)
         if k == 0:
             out[rows] = True
             continue
-        assignments = list(itertools.permutations(range(slots), k))
-        for start in range(0, rows.numel(), chunk):
+        perms = np.array(list(itertools.permutations(range(slots), k)))  # [P, k] injective assignments
+        for start in range(0, rows.size, chunk):
             r = rows[start:start + chunk]
-            d = desc[r, :k]                                               # [C, k]
-            # sat[a][b]: [C, I], description a of caption c is satisfied by object b of image i
-            sat = [[(objs[None, :, b] & d[:, a, None]) == d[:, a, None] for b in range(slots)]
-                   for a in range(k)]
-            hit = torch.zeros(r.numel(), objs.shape[0], dtype=torch.bool)
-            for p in assignments:
-                ok = sat[0][p[0]].clone()
-                for a in range(1, k):
-                    ok &= sat[a][p[a]]
-                hit |= ok
-            out[r] = hit
-    return out
+            d = desc[r, :k][:, None, :, None]                                # [C, 1, k, 1]
+            sat = (objs[None, :, None, :] & d) == d                          # [C, I, k, slots]
+            # [C, I, P, k]: description a satisfied by slot perms[p, a]; some assignment satisfies all
+            out[r] = sat[:, :, np.arange(k)[None, :], perms].all(-1).any(-1)
+    return torch.from_numpy(out)
 
 
 # ----------------------------------------------------------------------------------------- scenes

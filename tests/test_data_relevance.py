@@ -1,0 +1,165 @@
+"""The batch's oracle relevance (`meta["relevance"]`) and caption sampling by specificity
+(`data.caption_levels`)."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_clip.data import ClipDataModule, synthetic as syn
+from lightning_clip.data.datamodule import collate
+from lightning_clip.data.shards import Record, SkipPolicy, iter_records
+from lightning_clip.models.tokenizer import synthetic_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return syn.generate(tmp_path_factory.mktemp("world"), num_train=60, num_val=12, seed=0)
+
+
+def _dm(world, **kw) -> ClipDataModule:
+    kw = {"train_shards": str(world / "train"), "val_shards": str(world / "val"), "batch_size": 8,
+          "num_workers": 0, "epoch_length": 64, "shuffle_buffer": 16, **kw}
+    dm = ClipDataModule(**kw)
+    dm.setup("fit")
+    return dm
+
+
+def _levels_by_key(world) -> dict[str, list[int]]:
+    out = {}
+    for shard in sorted((world / "train").glob("*.tar")):
+        for r in iter_records(str(shard), SkipPolicy(True)):
+            out[r.key] = [c["level"] for c in r.caption_info]
+    return out
+
+
+def _record(key, scene, captions, levels=None):
+    info = None if scene is None else [{"level": lv, "constraints": c} for lv, (_, c) in zip(levels, captions)]
+    return Record(shard="hand", key=key, image=torch.zeros(3, 8, 8, dtype=torch.uint8),
+                  captions=[t for t, _ in captions], image_id=hash(key), group=hash(key), scene=scene,
+                  caption_info=info)
+
+
+RED_CIRCLE = {"shape": "circle", "color": "red", "size": "small", "position": "center"}
+BLUE_SQUARE = {"shape": "square", "color": "blue", "size": "large", "position": "top left"}
+
+
+# ------------------------------------------------------------------------------------------ relevance
+def test_relevance_orientation_on_a_hand_built_batch():
+    # image 0: a red circle; image 1: a blue square and a red circle
+    a = _record("a", {"objects": [RED_CIRCLE]}, [("a red circle", {"objects": [{"color": "red", "shape": "circle"}]})],
+                [2])
+    b = _record("b", {"objects": [BLUE_SQUARE, RED_CIRCLE]},
+                [("a blue square", {"objects": [{"color": "blue", "shape": "square"}]})], [2])
+    x = torch.zeros(3, 8, 8)
+    batch = collate([(a, 0, x), (b, 0, x)], synthetic_tokenizer(), 8, ground_truth=False)
+    rel = batch["meta"]["relevance"]
+    assert rel.dtype == torch.bool and rel.shape == (2, 2)
+    # rows are images, columns captions: "a red circle" (caption 0) is true of image 1 too, "a blue square"
+    # (caption 1) is not true of image 0
+    assert rel.tolist() == [[True, False], [True, True]]
+    assert "scene" not in batch["meta"] and "constraints" not in batch["meta"]
+
+
+def test_real_data_gets_no_relevance():
+    a = _record("a", None, [("a red circle", None)])
+    b = _record("b", {"objects": [RED_CIRCLE]}, [("a red circle", {"objects": [{"color": "red"}]})], [1])
+    x = torch.zeros(3, 8, 8)
+    for items in ([(a, 0, x), (a, 0, x)], [(a, 0, x), (b, 0, x)]):  # all real, and mixed
+        for gt in (True, False):
+            assert "relevance" not in collate(items, synthetic_tokenizer(), 8, ground_truth=gt)["meta"]
+
+
+@pytest.mark.parametrize("batching", ["image", "caption"])
+def test_training_and_validation_batches_carry_the_oracle_matrix(world, batching):
+    dm = _dm(world, batching=batching)
+    b = next(iter(dm.train_dataloader()))
+    rel = b["meta"]["relevance"]
+    assert rel.dtype == torch.bool and rel.shape == (8, 8) and rel.diagonal().all()
+    assert "scene" not in b["meta"]
+    same_group = b["meta"]["image_group"][:, None] == b["meta"]["text_group"][None, :]
+    assert rel[same_group].all()  # an identical scene satisfies the caption
+    # against the brute-force oracle on validation batches, which keep the dicts
+    for b in dm.val_dataloader():
+        m = b["meta"]
+        loop = torch.tensor([[syn.matches(c, s) for c in m["constraints"]] for s in m["scene"]])
+        assert torch.equal(m["relevance"], loop)
+
+
+def test_relevance_costs_well_under_a_millisecond_per_batch_of_64():
+    import random
+    rng = random.Random(0)
+    scenes = [syn.sample_scene(rng) for _ in range(64)]
+    caps = [syn.sample_caption(s, rng)["constraints"] for s in scenes]
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(20):
+            syn.relevance_matrix(caps, scenes)
+        best = min(best, (time.perf_counter() - t) / 20)
+    # measured ~0.2 ms on a busy 2-core machine; the bound leaves room for noise, not for the old ~0.9 ms
+    assert best < 0.6e-3, f"relevance_matrix 64x64 took {best * 1e3:.2f} ms"
+
+
+# ----------------------------------------------------------------------------------- caption levels
+def test_image_batching_draws_only_the_chosen_levels_or_falls_back(world):
+    levels = _levels_by_key(world)
+    chosen = {3, 4}
+    dm = _dm(world, caption_levels=[4, 3])
+    seen = Counter()
+    for b in dm.train_dataloader():
+        for key, s in zip(b["meta"]["key"], b["meta"]["specificity"].tolist()):
+            own = levels[key.split("#")[0]]
+            if chosen & set(own):
+                assert s in chosen, (key, s, own)
+                seen["filtered"] += 1
+            else:
+                assert s in own  # no caption at those levels: any of its own captions
+                seen["fallback"] += 1
+    assert seen["filtered"] > 0
+
+
+def test_all_levels_is_the_unfiltered_stream(world):
+    keys = lambda dm: [k for b in dm.train_dataloader() for k in b["meta"]["key"]]  # noqa: E731
+    assert keys(_dm(world, caption_levels=[1, 2, 3, 4])) == keys(_dm(world))
+
+
+def test_caption_batching_emits_only_the_chosen_levels(world):
+    dm = _dm(world, batching="caption", caption_levels=[1])
+    specs = [s for b in dm.train_dataloader() for s in b["meta"]["specificity"].tolist()]
+    assert specs and set(specs) == {1}
+    everything = [s for b in _dm(world, batching="caption").train_dataloader() for s in b["meta"]["specificity"].tolist()]
+    assert set(everything) == {1, 2, 3, 4}
+
+
+def test_validation_ignores_caption_levels(world):
+    keys = lambda dm: Counter(k for b in dm.val_dataloader() for k in b["meta"]["key"])  # noqa: E731
+    assert keys(_dm(world, caption_levels=[1])) == keys(_dm(world))
+
+
+@pytest.mark.parametrize("levels", [[0], [5], [1, 7], [], ["4"], [True]])
+def test_bad_caption_levels_name_the_option(world, levels):
+    with pytest.raises(ValueError, match=r"data\.caption_levels=.*1, 2, 3, 4"):
+        _dm(world, caption_levels=levels)
+
+
+def test_caption_levels_on_real_data_fail_clearly(world, tmp_path):
+    import shutil
+
+    import webdataset as wds
+    from PIL import Image
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="JPEG")
+    (tmp_path / "real").mkdir()
+    with wds.TarWriter(str(tmp_path / "real" / "s.tar"), encoder=False) as w:
+        for i in range(4):
+            w.write({"__key__": f"k{i}", "jpg": buf.getvalue(), "txt": b"a red square"})
+    shutil.copy(world / "tokenizer.json", tmp_path / "tokenizer.json")
+    dm = _dm(tmp_path, train_shards=str(tmp_path / "real"), val_shards=str(tmp_path / "real"),
+             tokenizer=str(tmp_path / "tokenizer.json"), caption_levels=[4], batch_size=2, epoch_length=2)
+    with pytest.raises(ValueError, match=r"data\.caption_levels=\[4\] needs caption specificity levels.*'k\d'"):
+        next(iter(dm.train_dataloader()))
