@@ -28,6 +28,9 @@ class Embeddings:
       tokens (padding and special tokens are False).
     - ``image_groups``, ``text_groups``: ``[N]`` integer ids; items with equal ids are positives of each
       other (duplicate images, several captions of one image). None means all distinct.
+    - ``relevance``: ``[N, N]`` bool, the batch's oracle matrix (entry (i, j): caption j is true of image
+      i), synthetic data only; present only for losses that ask for it (``multi_positive`` with
+      ``positives="oracle"``). It describes one local batch: it is not gathered across ranks.
     """
 
     image: Tensor
@@ -40,6 +43,7 @@ class Embeddings:
     word_mask: Optional[Tensor] = None
     image_groups: Optional[Tensor] = None
     text_groups: Optional[Tensor] = None
+    relevance: Optional[Tensor] = None
 
     def map(self, fn) -> "Embeddings":
         """Apply ``fn`` to every tensor field that is set (detach, move, cast, gather...)."""

@@ -9,6 +9,8 @@ With d_ij = ||I_i - T_j||^2 and sigma = exp(ln_std):
         t2i (caption rows, over images i):  logit_ji = -ln_std^I_i - d_ij / sigma^I_i^2
     mode "gaussian" (the isotropic Gaussian log-likelihood in D dimensions, up to a constant):
         logit = -D ln_std - d / (2 sigma^2)
+    (``gaussian_dims`` replaces the D multiplying ln_std, e.g. 1 to test whether that term is what sets
+    the sign of the variance/specificity correlation; None keeps D, the embedding width)
     L = (CE(i2t, arange N) + CE(t2i, arange N)) / 2
 
 Slips in the seed's pseudocode (mode "proposal" keeps the PyTorch version's maths, which is the
@@ -58,6 +60,18 @@ def _check_mode(mode: str) -> None:
                          f"choose one of {MODES}")
 
 
+def _check_dims(gaussian_dims, mode: str) -> None:
+    if gaussian_dims is None:
+        return
+    if mode != "gaussian":
+        raise ValueError(f"probabilistic: gaussian_dims={gaussian_dims!r} (option model.loss_args.gaussian_dims) "
+                         f"applies only to mode='gaussian', got mode={mode!r}")
+    if isinstance(gaussian_dims, bool) or not isinstance(gaussian_dims, (int, float)) \
+            or not (gaussian_dims >= 0 and gaussian_dims < float("inf")):
+        raise ValueError(f"probabilistic: gaussian_dims (option model.loss_args.gaussian_dims) must be a finite "
+                         f"number >= 0 or None (the embedding width), got {gaussian_dims!r}")
+
+
 def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     """[Na, Nb] squared Euclidean distances, by the expansion (no [Na, Nb, D] intermediate)."""
     return (a * a).sum(-1)[:, None] + (b * b).sum(-1)[None, :] - 2 * a @ b.T
@@ -75,10 +89,11 @@ def _logits(d: Tensor, ln_std: Tensor, mode: str, dim: int) -> Tensor:
 @full_precision
 def probabilistic_terms(image: Tensor, text: Tensor, image_ln_std: Tensor, text_ln_std: Tensor, *,
                         mode: str = "proposal", normalize_inputs: bool = False,
-                        gathered: bool = False) -> dict[str, Tensor]:
+                        gathered: bool = False, gaussian_dims: Optional[float] = None) -> dict[str, Tensor]:
     """``{"i2t", "t2i"}``: cross-entropy of the image rows (caption variances) and of the caption rows
-    (image variances)."""
+    (image variances). ``gaussian_dims``: the factor of ln_std in mode "gaussian" (None: D)."""
     _check_mode(mode)
+    _check_dims(gaussian_dims, mode)
     if image_ln_std is None or text_ln_std is None:
         raise ValueError("probabilistic: needs image_ln_std and text_ln_std (the variance heads)")
     check_pair("probabilistic", image, text, image_ln_std=image_ln_std, text_ln_std=text_ln_std)
@@ -93,16 +108,16 @@ def probabilistic_terms(image: Tensor, text: Tensor, image_ln_std: Tensor, text_
         image_std_all, text_std_all = gather(image_ln_std)[0], gather(text_ln_std)[0]
         d_i2t = squared_distances(rows.image, rows.text_all)
         d_t2i = squared_distances(rows.text, rows.image_all)
-    dim = image.shape[1]
+    dim = image.shape[1] if gaussian_dims is None else gaussian_dims
     labels = rows.labels
     return {"i2t": F.cross_entropy(_logits(d_i2t, text_std_all, mode, dim), labels),
             "t2i": F.cross_entropy(_logits(d_t2i, image_std_all, mode, dim), labels)}
 
 
 def probabilistic(image: Tensor, text: Tensor, image_ln_std: Tensor, text_ln_std: Tensor, *,
-                  mode: str = "proposal") -> Tensor:
+                  mode: str = "proposal", gaussian_dims: Optional[float] = None) -> Tensor:
     """The variance-aware loss on ``[N, D]`` embeddings (used as given) and log-stds ``[N]``."""
-    terms = probabilistic_terms(image, text, image_ln_std, text_ln_std, mode=mode)
+    terms = probabilistic_terms(image, text, image_ln_std, text_ln_std, mode=mode, gaussian_dims=gaussian_dims)
     return (terms["i2t"] + terms["t2i"]) / 2
 
 
@@ -110,19 +125,23 @@ def probabilistic(image: Tensor, text: Tensor, image_ln_std: Tensor, text_ln_std
 class ProbabilisticLoss(ContrastiveLoss):
     """Logs ``i2t``, ``t2i`` and the mean predicted log-std of each side (``image_ln_std``,
     ``text_ln_std``). ``normalize``: L2-normalise the embeddings first (default; distances then lie in
-    [0, 4] and the variance alone sets the sharpness, so there is no separate temperature)."""
+    [0, 4] and the variance alone sets the sharpness, so there is no separate temperature).
+    ``gaussian_dims`` (mode "gaussian" only): the factor of ln_std in the logit; None = the embedding width."""
 
     needs = frozenset({"image_ln_std", "text_ln_std"})
 
-    def __init__(self, mode: str = "proposal", normalize: bool = True):
+    def __init__(self, mode: str = "proposal", normalize: bool = True, gaussian_dims: Optional[float] = None):
         _check_mode(mode)
+        _check_dims(gaussian_dims, mode)
         super().__init__()
         self.mode = mode
         self.normalize = normalize
+        self.gaussian_dims = gaussian_dims
 
     def forward(self, emb: Embeddings) -> LossOutput:
         terms = probabilistic_terms(emb.image, emb.text, emb.image_ln_std, emb.text_ln_std, mode=self.mode,
-                                    normalize_inputs=self.normalize, gathered=True)
+                                    normalize_inputs=self.normalize, gathered=True,
+                                    gaussian_dims=self.gaussian_dims)
         terms["image_ln_std"] = emb.image_ln_std.detach().float().mean()
         terms["text_ln_std"] = emb.text_ln_std.detach().float().mean()
         return LossOutput((terms["i2t"] + terms["t2i"]) / 2, terms)
@@ -138,7 +157,7 @@ class ProbabilisticLoss(ContrastiveLoss):
         if text_ln_std is None:
             text_ln_std = text.new_zeros(text.shape[0])
         d = squared_distances(image, text)
-        dim = image.shape[1]
+        dim = image.shape[1] if self.gaussian_dims is None else self.gaussian_dims
         i2t = _logits(d, text_ln_std.float(), self.mode, dim)
         t2i = _logits(d.T, image_ln_std.float(), self.mode, dim).T
         return (i2t + t2i) / 2

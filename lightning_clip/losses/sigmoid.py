@@ -8,10 +8,14 @@ Every pair is an independent binary problem, so there is no softmax normaliser: 
 its own logits, and under DDP a rank's image rows against all captions give exactly its share. The bias
 starts at -10 because N-1 of every N pairs are negatives: the prior log-odds of a positive are about
 -ln N, and starting there keeps the first steps from spending their gradient on pushing all logits down.
+The paper's -10 matches N ~ 22,000 (ln 22026 = 10); ``init_bias="prior"`` sets b = -ln N for the global
+batch size N this run actually has, at the first training forward (a buffer records that it was done, so
+a resumed checkpoint keeps its learned bias).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +24,7 @@ from torch import Tensor
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
-from lightning_clip.losses.distributed import is_distributed, split_rows
+from lightning_clip.losses.distributed import is_distributed, split_rows, world_size
 from lightning_clip.outputs import Embeddings, LossOutput
 
 
@@ -57,13 +61,38 @@ def siglip(image: Tensor, text: Tensor, logit_scale, logit_bias, chunk_size: Opt
 class SigLIPLoss(ContrastiveLoss):
     """Logs ``positive`` and ``negative`` (the matched-pair and mismatched-pair parts)."""
 
-    def __init__(self, init_scale: float = 10.0, learn_scale: bool = True, init_bias: float = -10.0,
-                 learn_bias: bool = True, chunk_size: Optional[int] = None):
-        super().__init__(init_scale=init_scale, learn_scale=learn_scale, init_bias=init_bias,
+    def __init__(self, init_scale: float = 10.0, learn_scale: bool = True,
+                 init_bias: Union[float, str] = -10.0, learn_bias: bool = True, chunk_size: Optional[int] = None):
+        prior = init_bias == "prior"
+        if not prior and (isinstance(init_bias, (str, bool)) or not isinstance(init_bias, (int, float))
+                          or not math.isfinite(init_bias)):
+            raise ValueError(f"siglip: init_bias must be a finite number or 'prior' (option "
+                             f"model.loss_args.init_bias), got {init_bias!r}")
+        # "prior": -10 until the first training forward replaces it with -ln N
+        super().__init__(init_scale=init_scale, learn_scale=learn_scale, init_bias=-10.0 if prior else init_bias,
                          learn_bias=learn_bias)
         self.chunk_size = chunk_size
+        self.prior_bias = prior
+        self._prior_checked = False
+        if prior:
+            # in the state dict: a resumed run does not reset its learned bias
+            self.register_buffer("bias_initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _init_prior_bias(self, local_batch: int) -> None:
+        """b = -ln N for the global batch N (the sum over ranks), once."""
+        n = torch.tensor(float(local_batch), device=self.bias.device)
+        if world_size() > 1:
+            torch.distributed.all_reduce(n)
+        self.bias.fill_(-math.log(float(n)))
+        self.bias_initialized.fill_(True)
 
     def forward(self, emb: Embeddings) -> LossOutput:
+        if self.prior_bias and self.training and not self._prior_checked:
+            # the buffer is read once per process (a device sync), not every step
+            if not bool(self.bias_initialized):
+                self._init_prior_bias(emb.batch_size)
+            self._prior_checked = True
         bias = self.bias.float()
         if self.chunk_size is not None and not is_distributed():
             image, text = normalize(emb.image.float()), normalize(emb.text.float())
