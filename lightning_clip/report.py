@@ -8,6 +8,14 @@ results callback writes it atomically at the end) and the TensorBoard events bes
     results/<ablation>_curves.png   validation t2i R@1 and training loss against step (mean, band over seeds)
     results/<ablation>_bars.png     R@1 per cell with intervals (grouped by series when the cell names
                                     are `<series>-<prefix><number>`, e.g. `siglip-b64`, `infonce-dup25`)
+    results/<ablation>_ranking.csv  the cells ranked by t2i R@1 (and semantic t2i R@1), mean over seeds,
+                                    at half budget (the validation nearest max_step / 2) and at the end,
+                                    with Kendall's tau between the two rankings (also a section of the .md)
+
+The markdown states the oracle ceiling (`val/ceiling/{t2i,i2t}/R@1`, the expected R@1 of a perfect
+scorer with random tie-breaking on the synthetic world) under the table, or as columns when cells differ.
+The `convergence` ablation (or any, with ``curve_tags``) plots the four validation recalls against step and
+gets a plateau table (`plateau_summary`: final, best, first step within 2 points of the final value).
 
 Every file is written to a temporary name and renamed into place, so an interruption never leaves a
 half table. The functions are the notebook's too (notebooks/compare_losses.ipynb).
@@ -32,6 +40,13 @@ from scipy import stats
 
 CONFIDENCE = 0.95
 CURVE_TAGS = ("val/t2i/R@1", "train/loss")
+#: the curves of a convergence study, one panel each (the default for the ablation named `convergence`)
+CONVERGENCE_TAGS = ("val/semantic/t2i/R@1", "val/t2i/R@1", "val/semantic/i2t/R@1", "val/i2t/R@1")
+#: metrics whose ranking of the cells is compared at half and full budget (higher is better)
+RANKING_TAGS = ("val/t2i/R@1", "val/semantic/t2i/R@1")
+#: the oracle ceiling keys (logged by the retrieval callback on the synthetic world)
+CEILING_KEYS = ("val/ceiling/t2i/R@1", "val/ceiling/i2t/R@1")
+PLATEAU_TOLERANCE = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +69,9 @@ METRICS = (
     Metric("val/t2i/R@10", "t2i R@10", 100, 1),
     Metric("val/semantic/t2i/R@1", "sem t2i R@1", 100, 1, True),
     Metric("val/semantic/i2t/R@1", "sem i2t R@1", 100, 1, True),
+    Metric("val/ceiling/t2i/R@1", "ceiling t2i R@1", 100, 1),
+    Metric("val/ceiling/i2t/R@1", "ceiling i2t R@1", 100, 1),
+    Metric("train/false_negatives", "FN share", 100, 1),
     Metric("variance/text/spearman_specificity", "ρ(text var, specificity)", 1, 3, True),
     Metric("variance/image/spearman_num_objects", "ρ(image var, objects)", 1, 3, True),
     Metric("variance/text/mean", "text var mean", 1, 4),
@@ -242,7 +260,8 @@ def to_csv(rows: Sequence[dict]) -> str:
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:
-    """The rows of a results CSV, numbers as floats (ints for counts and flags), blanks left out."""
+    """The rows of a results CSV, numbers as floats (ints for counts and flags), other text as strings,
+    blanks left out (also reads `<ablation>_ranking.csv`)."""
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         for raw in csv.DictReader(f):
@@ -255,7 +274,10 @@ def read_csv(path: str | os.PathLike) -> list[dict]:
                 elif k in ("baseline", "n_seeds") or k.endswith((" n", " diff_n", " diff_sig")):
                     row[k] = int(v)
                 else:
-                    row[k] = float(v)
+                    try:
+                        row[k] = float(v)
+                    except ValueError:  # a text column (the ranking CSV's `tag`): kept as it is
+                        row[k] = v
             rows.append(row)
     return rows
 
@@ -296,11 +318,15 @@ def _diff_cells(r: Mapping, keys: Sequence[str]) -> list[str]:
 
 def format_markdown(rows: Sequence[dict], ablation: str, *, confidence: float = CONFIDENCE,
                     source: str | None = None, stamp: str | None = None,
-                    series: Sequence[dict] | None = None) -> str:
+                    series: Sequence[dict] | None = None, sections: Sequence[str] = ()) -> str:
     """The results/<ablation>.md text: the table of means ± half-widths, then the paired differences from
     the baseline, then (``series``, from `series_differences`) those at the same setting.
-    Only the METRICS columns; the CSV carries every numeric key of final_metrics.json."""
+    Only the METRICS columns; the CSV carries every numeric key of final_metrics.json. The oracle ceiling is
+    one line under the table when every cell has the same (the same validation world), else a column."""
     keys = [k for k in _keys_of(rows) if k in BY_KEY]
+    ceiling = uniform_ceiling(rows)
+    if ceiling is not None:
+        keys = [k for k in keys if k not in CEILING_KEYS]
     baseline = next((r["cell"] for r in rows if r.get("baseline")), None)
     seeds = sorted({r.get("n_seeds", 0) for r in rows})
     pct = int(round(confidence * 100))
@@ -324,6 +350,10 @@ def format_markdown(rows: Sequence[dict], ablation: str, *, confidence: float = 
                 cells.append(_fmt(mean, m))
         name = f"`{r['cell']}`" + (" (baseline)" if r.get("baseline") else "")
         lines.append(f"| {name} | {r.get('n_seeds', 0)} | " + " | ".join(cells) + " |")
+    if ceiling:
+        lines += ["", "Oracle ceiling (expected R@1 of a perfect scorer with random tie-breaking): "
+                  + ", ".join(f"{d} {100 * ceiling[k]:.1f}%" for d, k in zip(("t2i", "i2t"), CEILING_KEYS)
+                              if k in ceiling) + "."]
 
     diff_keys = [k for k in _keys_of(rows, "diff") if _metric(k).compare]
     if baseline and diff_keys:
@@ -345,12 +375,30 @@ def format_markdown(rows: Sequence[dict], ablation: str, *, confidence: float = 
         lines += [f"| `{r['cell']}` | `{r['versus']}` | " + " | ".join(_diff_cells(r, series_keys)) + " |"
                   for r in series]
 
+    for section in sections:  # e.g. `format_plateau`, `format_ranking`: markdown that starts with "## "
+        if section:
+            lines += ["", section.rstrip("\n")]
     described = [r for r in rows if r.get("description")]
     if described:
         lines += ["", "## Cells", ""] + [f"- `{r['cell']}`: {r['description']}" for r in described]
     if source:
         lines += ["", f"Source: `{source}` (final_metrics.json of each run)."]
     return "\n".join(lines) + "\n"
+
+
+def uniform_ceiling(rows: Sequence[dict], tol: float = 1e-6) -> dict[str, float] | None:
+    """{ceiling key: value} when every row that has the key has the same mean (one validation world), {}
+    when no row has one, None when the cells differ (then the table shows it per cell)."""
+    out = {}
+    for key in CEILING_KEYS:
+        values = [r[_col(key, "mean")] for r in rows if r.get(_col(key, "mean")) is not None
+                  and math.isfinite(r[_col(key, "mean")])]
+        if not values:
+            continue
+        if max(values) - min(values) > tol:
+            return None
+        out[key] = float(np.mean(values))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- curves
@@ -398,6 +446,188 @@ def mean_band(series: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarr
     return steps, mean, std
 
 
+def load_run_scalars(ablation_dir: str | os.PathLike, cells: Sequence[str] | None = None,
+                     tags: Sequence[str] = CURVE_TAGS) -> dict[str, dict[int, dict]]:
+    """{cell: {seed: {"step": final step or None, tag: (steps, values), ...}}} for the finished runs (those
+    with final_metrics.json). The final step comes from final_metrics.json (`step`)."""
+    ablation_dir = Path(ablation_dir)
+    if cells is None:
+        cells = [c["name"] for c in read_manifest(ablation_dir)["cells"]]
+    out: dict = {}
+    for cell in cells:
+        out[cell] = {}
+        for run_dir in sorted((ablation_dir / cell).glob("seed_*")):
+            seed, path = _seed_of(run_dir), run_dir / "final_metrics.json"
+            if seed is None or not path.exists():
+                continue
+            try:
+                step = json.loads(path.read_text(encoding="utf-8")).get("step")
+            except ValueError:
+                step = None
+            entry: dict = {"step": float(step) if isinstance(step, (int, float)) else None}
+            entry.update(load_scalars(run_dir, tags))
+            out[cell][seed] = entry
+    return out
+
+
+def curves_of(runs: Mapping[str, Mapping[int, Mapping]], tags: Sequence[str]) -> dict[str, dict[str, list]]:
+    """`load_curves`' shape ({cell: {tag: [(steps, values) per seed]}}) from `load_run_scalars`' result."""
+    return {cell: {tag: [by_seed[s][tag] for s in sorted(by_seed) if tag in by_seed[s]]
+                   for tag in tags if any(tag in r for r in by_seed.values())}
+            for cell, by_seed in runs.items()}
+
+
+# ------------------------------------------------------------------------------ ranking stability
+def half_and_full(steps: Sequence[float], values: Sequence[float], max_step: float | None = None
+                  ) -> tuple[int, float, int, float]:
+    """(half step, value there, full step, value there) of one run's validation series: full is the last
+    validation; half the validation whose step is closest to max_step / 2 (the earlier one on a tie), where
+    max_step is the run's final step (default: the last logged step)."""
+    steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    if steps.size == 0:
+        raise ValueError("an empty series has no half or full budget value")
+    order = np.argsort(steps, kind="stable")
+    steps, values = steps[order], values[order]
+    last = int(np.flatnonzero(steps == steps[-1])[-1])  # a step logged twice: its last value
+    target = (max_step if max_step is not None else steps[-1]) / 2
+    half = int(np.argmin(np.abs(steps - target)))
+    half = int(np.flatnonzero(steps == steps[half])[-1])
+    return int(steps[half]), float(values[half]), int(steps[last]), float(values[last])
+
+
+def rank_cells(values: Mapping[str, float]) -> dict[str, float]:
+    """Rank 1 = highest value; ties share their average rank (scipy's rankdata)."""
+    names = list(values)
+    ranks = stats.rankdata([-values[c] for c in names], method="average")
+    return {c: float(r) for c, r in zip(names, ranks)}
+
+
+def kendall(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, float]:
+    """Kendall's tau-b (and its two-sided p-value) between the orderings of the cells both have; nan when
+    fewer than two cells or one side is constant."""
+    cells = [c for c in a if c in b and math.isfinite(a[c]) and math.isfinite(b[c])]
+    if len(cells) < 2:
+        return math.nan, math.nan
+    res = stats.kendalltau([a[c] for c in cells], [b[c] for c in cells])
+    return float(res.statistic), float(res.pvalue)
+
+
+def ranking_stability(runs: Mapping[str, Mapping[int, Mapping]], tags: Sequence[str] = RANKING_TAGS) -> list[dict]:
+    """Per tag and cell: the mean over seeds at half and at full budget (`half_and_full` of each seed), the
+    rank of the cell among the cells at each, and Kendall's tau between the two rankings (same on every
+    row of a tag). Rows: tag, cell, n_seeds, half_step, half, half_rank, full_step, full, full_rank,
+    kendall_tau, kendall_p. Cells without the tag are left out; a tag no cell logged gives no rows."""
+    rows = []
+    for tag in tags:
+        per_cell = {}
+        for cell, by_seed in runs.items():
+            points = [half_and_full(*r[tag], r.get("step")) for r in by_seed.values() if tag in r and len(r[tag][0])]
+            if points:
+                per_cell[cell] = dict(n_seeds=len(points), half_step=float(np.mean([p[0] for p in points])),
+                                      half=float(np.mean([p[1] for p in points])),
+                                      full_step=float(np.mean([p[2] for p in points])),
+                                      full=float(np.mean([p[3] for p in points])))
+        if not per_cell:
+            continue
+        half = {c: v["half"] for c, v in per_cell.items()}
+        full = {c: v["full"] for c, v in per_cell.items()}
+        half_rank, full_rank = rank_cells(half), rank_cells(full)
+        tau, p = kendall(half, full)
+        for cell, v in per_cell.items():
+            rows.append(dict(tag=tag, cell=cell, **v, half_rank=half_rank[cell], full_rank=full_rank[cell],
+                             kendall_tau=tau, kendall_p=p))
+    return rows
+
+
+def _num(x: float, fmt: str) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, fmt)
+
+
+def _rank(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
+
+
+def format_ranking(rows: Sequence[dict]) -> str:
+    """The "Ranking at half and full budget" markdown section ("" without rows)."""
+    if not rows:
+        return ""
+    lines = ["## Ranking at half and full budget", "",
+             "Cells ranked by the mean over seeds at half budget (each run's validation nearest to half its final "
+             "step) and at full budget (its last validation); rank 1 is best. Kendall's τ compares the two "
+             "rankings (1: the same order, −1: reversed); a high τ means a half-budget run would have picked "
+             "the same winners."]
+    for tag in dict.fromkeys(r["tag"] for r in rows):
+        part = [r for r in rows if r["tag"] == tag]
+        m = _metric(tag)
+        unit = " (%)" if m.scale == 100 else ""
+        lines += ["", f"### {m.label}{unit}", "",
+                  "| cell | seeds | step at half | at half | rank at half | step at full | at full | rank at full |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(part, key=lambda r: (r["full_rank"], r["cell"])):
+            lines.append(f"| `{r['cell']}` | {r['n_seeds']} | {r['half_step']:.0f} | {_fmt(r['half'], m)} | "
+                         f"{_rank(r['half_rank'])} | {r['full_step']:.0f} | {_fmt(r['full'], m)} | "
+                         f"{_rank(r['full_rank'])} |")
+        tau, p = part[0]["kendall_tau"], part[0]["kendall_p"]
+        lines += ["", f"Kendall's τ = {_num(tau, '.3f')} (p = {_num(p, '.3g')}, {len(part)} cells)."]
+    return "\n".join(lines) + "\n"
+
+
+RANKING_COLUMNS = ("tag", "cell", "n_seeds", "half_step", "half", "half_rank", "full_step", "full", "full_rank",
+                   "kendall_tau", "kendall_p")
+
+
+def ranking_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RANKING_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in RANKING_COLUMNS})
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------- convergence
+def plateau_summary(curves: Mapping[str, Mapping[str, list]], tags: Sequence[str] | None = None,
+                    tolerance: float = PLATEAU_TOLERANCE) -> list[dict]:
+    """Per tag and cell, from the mean curve over seeds (`mean_band`): the final value, the best value and
+    its step, and ``plateau_step``, the first step at which the mean curve is within ``tolerance`` (0.02 =
+    2 points of recall) of its final value. Rows: tag, cell, n_seeds, final_step, final, best, best_step,
+    plateau_step. Works with any number of seeds per cell (1 gives the seed's own curve)."""
+    if tags is None:
+        tags = list(dict.fromkeys(t for by_tag in curves.values() for t in by_tag))
+    rows = []
+    for tag in tags:
+        for cell, by_tag in curves.items():
+            series = [s for s in by_tag.get(tag) or [] if len(s[0])]
+            if not series:
+                continue
+            steps, mean, _ = mean_band(series)
+            final = float(mean[-1])
+            best = int(np.argmax(mean))
+            within = np.flatnonzero(np.abs(mean - final) <= tolerance + 1e-12)
+            rows.append(dict(tag=tag, cell=cell, n_seeds=len(series), final_step=int(steps[-1]), final=final,
+                             best=float(mean[best]), best_step=int(steps[best]), plateau_step=int(steps[within[0]])))
+    return rows
+
+
+def format_plateau(rows: Sequence[dict], tolerance: float = PLATEAU_TOLERANCE) -> str:
+    """The "Convergence" markdown section: one table per metric ("" without rows)."""
+    if not rows:
+        return ""
+    lines = ["## Convergence", "",
+             f"Mean curve over seeds per cell: its final value, its best value (and step), and the first step at "
+             f"which it comes within {100 * tolerance:.0f} points of its final value."]
+    for tag in dict.fromkeys(r["tag"] for r in rows):
+        m = _metric(tag)
+        unit = " (%)" if m.scale == 100 else ""
+        lines += ["", f"### {m.label}{unit}", "",
+                  f"| cell | seeds | final step | final | best | best at step | within {100 * tolerance:.0f} points "
+                  "from step |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in rows if r["tag"] == tag):
+            lines.append(f"| `{r['cell']}` | {r['n_seeds']} | {r['final_step']} | {_fmt(r['final'], m)} | "
+                         f"{_fmt(r['best'], m)} | {r['best_step']} | {r['plateau_step']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _figure(ncols: int, width: float = 6.0, height: float = 4.2):
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
 
@@ -417,7 +647,9 @@ def _colors(cells: Sequence[str], baseline: str | None) -> dict[str, object]:
 
 
 TAG_LABELS = {"val/t2i/R@1": ("validation t2i R@1 (%)", 100.0), "train/loss": ("training loss", 1.0),
-              "val/i2t/R@1": ("validation i2t R@1 (%)", 100.0)}
+              "val/i2t/R@1": ("validation i2t R@1 (%)", 100.0),
+              "val/semantic/t2i/R@1": ("validation semantic t2i R@1 (%)", 100.0),
+              "val/semantic/i2t/R@1": ("validation semantic i2t R@1 (%)", 100.0)}
 
 
 def plot_curves(curves: Mapping[str, Mapping[str, list]], *, baseline: str | None = None, title: str = "",
@@ -544,8 +776,10 @@ def _machine() -> str:
 
 
 def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_dir: str | os.PathLike = "results",
-                 *, plots: bool = True) -> dict[str, Path]:
-    """Everything for one ablation; returns {kind: path} of what it wrote."""
+                 *, plots: bool = True, curve_tags: Sequence[str] | None = None) -> dict[str, Path]:
+    """Everything for one ablation; returns {kind: path} of what it wrote. ``curve_tags``: the panels of the
+    curves plot (default CURVE_TAGS; CONVERGENCE_TAGS for the ablation named `convergence`, which also gets
+    the plateau table)."""
     ablation_dir = Path(runs_dir) / ablation
     if not ablation_dir.is_dir():
         raise FileNotFoundError(f"no runs for ablation '{ablation}': {ablation_dir} does not exist")
@@ -556,18 +790,29 @@ def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_di
         raise FileNotFoundError(f"no finished run under {ablation_dir} (no */seed_*/final_metrics.json)")
     rows = summarize(metrics, manifest.get("baseline"), {c["name"]: c.get("description", "") for c in manifest["cells"]})
     results_dir = Path(results_dir)
+    convergence = ablation == "convergence"
+    if curve_tags is None:
+        curve_tags = CONVERGENCE_TAGS if convergence else CURVE_TAGS
+    curve_tags = tuple(curve_tags)
+    # one pass over the event files for the ranking, the plateau table and the curves
+    runs = load_run_scalars(ablation_dir, cells, tuple(dict.fromkeys((*curve_tags, *RANKING_TAGS))))
+    ranking = ranking_stability(runs)
+    curves = curves_of(runs, curve_tags)
     stamp = f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} on {_machine()}."
+    sections = [format_plateau(plateau_summary(curves, curve_tags)) if convergence else "", format_ranking(ranking)]
+    md = format_markdown(rows, ablation, source=ablation_dir.as_posix(), stamp=stamp,
+                         series=series_differences(metrics, manifest.get("baseline")), sections=sections)
     written = {
         "csv": atomic_write(results_dir / f"{ablation}.csv", to_csv(rows)),
-        "md": atomic_write(results_dir / f"{ablation}.md",
-                           format_markdown(rows, ablation, source=ablation_dir.as_posix(), stamp=stamp,
-                                           series=series_differences(metrics, manifest.get("baseline")))),
+        "md": atomic_write(results_dir / f"{ablation}.md", md),
     }
+    if ranking:
+        written["ranking"] = atomic_write(results_dir / f"{ablation}_ranking.csv", ranking_csv(ranking))
     if plots:
         written["bars"] = save_figure(plot_bars(rows, title=ablation), results_dir / f"{ablation}_bars.png")
-        curves = load_curves(ablation_dir, cells)
         if any(curves.values()):
-            written["curves"] = save_figure(plot_curves(curves, baseline=manifest.get("baseline"), title=ablation),
+            written["curves"] = save_figure(plot_curves(curves, baseline=manifest.get("baseline"), title=ablation,
+                                                        tags=curve_tags),
                                             results_dir / f"{ablation}_curves.png")
     return written
 
@@ -578,12 +823,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--results-dir", type=Path, default=Path("results"))
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--curve-tags", nargs="+", metavar="TAG", default=None,
+                   help=f"scalar tags of the curves plot, one panel each (default {' '.join(CURVE_TAGS)}; for the "
+                        f"`convergence` ablation {' '.join(CONVERGENCE_TAGS)})")
     a = p.parse_args(argv)
     names = a.ablation or sorted(d.name for d in a.runs_dir.glob("*") if d.is_dir() and list(d.glob("*/seed_*")))
     if not names:
         p.error(f"no ablation runs under {a.runs_dir}")
     for name in names:
-        written = write_report(name, a.runs_dir, a.results_dir, plots=not a.no_plots)
+        written = write_report(name, a.runs_dir, a.results_dir, plots=not a.no_plots, curve_tags=a.curve_tags)
         print(f"{name}: wrote " + ", ".join(str(x) for x in written.values()))
     return 0
 

@@ -187,7 +187,7 @@ def test_atomic_write_replaces_and_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_write_report_writes_tables_and_plots(tmp_path):
     make_fake_ablation(tmp_path / "runs")
     written = report.write_report("losses", tmp_path / "runs", tmp_path / "results")
-    assert set(written) == {"csv", "md", "bars", "curves"}
+    assert set(written) == {"csv", "md", "bars", "curves", "ranking"}
     for kind in ("bars", "curves"):
         assert written[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curves = report.load_curves(tmp_path / "runs" / "losses")
@@ -244,3 +244,159 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert len(images) >= 2, "the bars and the curves are drawn"
     text = "".join(o.get("text", "") for o in outputs)
     assert "siglip" in text and "best t2i R@1: siglip" in text
+
+
+# ----------------------------------------------------------------------------- ceiling and FN share
+def _rows_with(ceilings, fn=None):
+    metrics = {}
+    for cell, (t2i, i2t) in ceilings.items():
+        metrics[cell] = {}
+        for seed in (0, 1):
+            m = {"val/t2i/R@1": 0.3 + 0.01 * seed, "val/ceiling/t2i/R@1": t2i, "val/ceiling/i2t/R@1": i2t}
+            if fn is not None:
+                m["train/false_negatives"] = fn + 0.01 * seed
+            metrics[cell][seed] = m
+    return report.summarize(metrics, next(iter(ceilings)))
+
+
+def test_ceiling_is_one_line_when_uniform_and_a_column_when_cells_differ():
+    md = report.format_markdown(_rows_with({"infonce": (0.4125, 0.55), "siglip": (0.4125, 0.55)}, fn=0.12), "x")
+    assert ("Oracle ceiling (expected R@1 of a perfect scorer with random tie-breaking): t2i 41.2%, i2t 55.0%."
+            in md)
+    header = next(line for line in md.splitlines() if line.startswith("| cell |"))
+    assert "ceiling" not in header and "FN share" in header
+    assert "| 12.5 ± 6.4 |" in md  # FN share in %: mean 0.125, half-width t(0.975,1) * 0.00707 = 0.0635
+    md = report.format_markdown(_rows_with({"infonce-dup0": (0.41, 0.55), "infonce-dup50": (0.30, 0.52)}), "x")
+    assert "Oracle ceiling" not in md
+    header = next(line for line in md.splitlines() if line.startswith("| cell |"))
+    assert "ceiling t2i R@1" in header and "ceiling i2t R@1" in header and "FN share" not in header
+    assert "| 30.0 ± 0.0 | 52.0 ± 0.0 |" in md  # per cell (two equal seeds: zero width)
+    # no ceiling anywhere (real data): neither
+    md = report.format_markdown(report.summarize({"a": {0: {"val/t2i/R@1": 0.2}}}, "a"), "x")
+    assert "ceiling" not in md.lower()
+
+
+# ----------------------------------------------------------------------------------- ranking
+def test_rank_cells_and_kendall_tau():
+    a = {"x": 0.5, "y": 0.4, "z": 0.3, "w": 0.1}
+    assert report.rank_cells(a) == {"x": 1.0, "y": 2.0, "z": 3.0, "w": 4.0}
+    assert report.rank_cells({"x": 0.5, "y": 0.5, "z": 0.1}) == {"x": 1.5, "y": 1.5, "z": 3.0}
+    tau, p = report.kendall(a, {k: 2 * v for k, v in a.items()})
+    assert tau == pytest.approx(1.0) and p < 0.1
+    tau, _ = report.kendall(a, {k: -v for k, v in a.items()})
+    assert tau == pytest.approx(-1.0)
+    tau, _ = report.kendall(a, {"x": 0.3, "y": 0.4, "z": 0.5, "w": 0.2})
+    # by hand: pairs (x,y) d (x,z) d (x,w) c (y,z) d (y,w) c (z,w) c -> (3 - 3) / 6 = 0
+    assert tau == pytest.approx(0.0)
+    assert all(math.isnan(v) for v in report.kendall({"x": 1.0}, {"x": 2.0}))
+
+
+def test_half_and_full_picks_the_validation_nearest_half_the_final_step():
+    steps, values = [100, 200, 300, 400], [0.1, 0.2, 0.3, 0.4]
+    assert report.half_and_full(steps, values) == (200, 0.2, 400, 0.4)
+    assert report.half_and_full(steps, values, max_step=500) == (200, 0.2, 400, 0.4)  # 250: tie, the earlier
+    assert report.half_and_full(steps, values, max_step=700) == (300, 0.3, 400, 0.4)
+    assert report.half_and_full([400, 100, 300], [0.4, 0.1, 0.3]) == (100, 0.1, 400, 0.4)  # unsorted input
+    with pytest.raises(ValueError):
+        report.half_and_full([], [])
+
+
+def write_summary_events(run_dir: Path, scalars: dict[str, list[tuple[int, float]]], final_step: int) -> None:
+    """Event files through torch's SummaryWriter, and the run's final_metrics.json."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with SummaryWriter(str(run_dir)) as w:
+        for tag, points in scalars.items():
+            for step, value in points:
+                w.add_scalar(tag, value, step)
+    last = {tag: points[-1][1] for tag, points in scalars.items()}
+    (run_dir / "final_metrics.json").write_text(json.dumps({**last, "step": final_step}))
+
+
+def make_ranking_ablation(runs_dir: Path, name: str, seeds: dict[str, int]) -> None:
+    """Three cells whose order at half budget (a > b > c) is the reverse of the final one (c > b > a) for t2i
+    R@1; semantic t2i keeps its order. Validations at steps 0, 40, 80, 100 (final step 100: half = 40)."""
+    half = {"a": 0.30, "b": 0.20, "c": 0.10}
+    full = {"a": 0.40, "b": 0.50, "c": 0.60}
+    for cell, n in seeds.items():
+        for seed in range(n):
+            noise = 0.001 * seed
+            t2i = [(0, 0.0), (40, half[cell] + noise), (80, full[cell] - 0.05), (100, full[cell] + noise)]
+            sem = [(0, 0.0), (40, half[cell] + 0.1), (80, half[cell] + 0.15), (100, half[cell] + 0.2 + noise)]
+            write_summary_events(runs_dir / name / cell / f"seed_{seed}",
+                                 {"val/t2i/R@1": t2i, "val/semantic/t2i/R@1": sem, "val/i2t/R@1": t2i,
+                                  "val/semantic/i2t/R@1": sem}, final_step=100)
+    (runs_dir / name / "ablation.json").write_text(json.dumps(dict(
+        ablation=name, baseline="a", cells=[dict(name=c, description=f"cell {c}") for c in seeds])))
+
+
+def test_ranking_at_half_and_full_budget_from_event_files(tmp_path):
+    make_ranking_ablation(tmp_path / "runs", "toy", {"a": 3, "b": 3, "c": 3})
+    runs = report.load_run_scalars(tmp_path / "runs" / "toy", tags=report.RANKING_TAGS)
+    assert runs["a"][0]["step"] == 100 and list(runs["a"][0]["val/t2i/R@1"][0]) == [0, 40, 80, 100]
+    rows = report.ranking_stability(runs)
+    t2i = {r["cell"]: r for r in rows if r["tag"] == "val/t2i/R@1"}
+    sem = {r["cell"]: r for r in rows if r["tag"] == "val/semantic/t2i/R@1"}
+    assert t2i["a"]["half"] == pytest.approx(0.301, abs=1e-6) and t2i["a"]["half_step"] == 40
+    assert [t2i[c]["half_rank"] for c in "abc"] == [1, 2, 3] and [t2i[c]["full_rank"] for c in "abc"] == [3, 2, 1]
+    assert t2i["a"]["kendall_tau"] == pytest.approx(-1.0)
+    assert sem["a"]["kendall_tau"] == pytest.approx(1.0) and sem["c"]["full_rank"] == 3
+    written = report.write_report("toy", tmp_path / "runs", tmp_path / "results", plots=False)
+    md = written["md"].read_text()
+    assert "## Ranking at half and full budget" in md
+    assert "| `c` | 3 | 40 | 10.1 | 3 | 100 | 60.1 | 1 |" in md
+    assert "Kendall's τ = -1.000" in md and "Kendall's τ = 1.000" in md
+    table = list(__import__("csv").DictReader(written["ranking"].open()))
+    assert len(table) == 6 and {r["tag"] for r in table} == set(report.RANKING_TAGS)
+    assert float(next(r for r in table if r["tag"] == "val/t2i/R@1")["kendall_tau"]) == pytest.approx(-1.0)
+    back = report.read_csv(written["ranking"])  # the notebook reads every results/*.csv with read_csv
+    assert back[0]["tag"] == "val/t2i/R@1" and back[0]["n_seeds"] == 3 and isinstance(back[0]["half"], float)
+
+
+# ----------------------------------------------------------------------------------- convergence
+def test_plateau_summary_by_hand():
+    curves = {
+        # one seed: final 0.50 (also the best), within 0.02 from step 30 (0.49)
+        "one": {"val/t2i/R@1": [(np.array([0, 10, 20, 30, 40]), np.array([0.0, 0.3, 0.45, 0.49, 0.50]))]},
+        # three seeds: mean curve 0.1, 0.6, 0.4, 0.41 -> final 0.41, best 0.6 at 10, within 0.02 first at 20
+        "three": {"val/t2i/R@1": [(np.array([0, 10, 20, 30]), np.array([0.1, 0.6, 0.4, 0.41]) + d)
+                                  for d in (-0.01, 0.0, 0.01)]},
+        "none": {},
+    }
+    rows = {r["cell"]: r for r in report.plateau_summary(curves)}
+    assert set(rows) == {"one", "three"}
+    one, three = rows["one"], rows["three"]
+    assert (one["n_seeds"], one["final_step"], one["final"], one["best"], one["best_step"], one["plateau_step"]) \
+        == (1, 40, 0.50, 0.50, 40, 30)
+    assert three["n_seeds"] == 3 and three["final"] == pytest.approx(0.41)
+    assert three["best"] == pytest.approx(0.6) and three["best_step"] == 10 and three["plateau_step"] == 20
+    assert report.plateau_summary(curves, tolerance=0.0)[0]["plateau_step"] == 40
+    md = report.format_plateau(report.plateau_summary(curves))
+    assert "## Convergence" in md and "| `three` | 3 | 30 | 41.0 | 60.0 | 10 | 20 |" in md
+
+
+def test_convergence_report_with_one_seed_for_most_cells(tmp_path, monkeypatch):
+    make_ranking_ablation(tmp_path / "runs", "convergence", {"a": 3, "b": 1, "c": 1})
+    seen = {}
+    original = report.plot_curves
+
+    def spy(curves, **kw):
+        seen["tags"] = kw.get("tags")
+        return original(curves, **kw)
+
+    monkeypatch.setattr(report, "plot_curves", spy)
+    written = report.write_report("convergence", tmp_path / "runs", tmp_path / "results")
+    assert seen["tags"] == report.CONVERGENCE_TAGS
+    assert written["curves"].read_bytes()[:4] == b"\x89PNG"
+    md = written["md"].read_text()
+    assert "## Convergence" in md and "## Ranking at half and full budget" in md
+    assert "(1/3 seeds per cell)" in md
+    # every panel, every cell: 4 tags x 3 cells; b has one seed, final 0.5 reached within 2 points at 100
+    assert md.count("| `b` | 1 | 100 |") == 4
+    # another ablation name: the default curves and no plateau table; --curve-tags overrides the panels
+    make_ranking_ablation(tmp_path / "runs", "other", {"a": 1, "b": 1})
+    assert report.main(["--ablation", "other", "--runs-dir", str(tmp_path / "runs"), "--results-dir",
+                        str(tmp_path / "results"), "--curve-tags", "val/i2t/R@1", "val/semantic/i2t/R@1"]) == 0
+    assert seen["tags"] == ("val/i2t/R@1", "val/semantic/i2t/R@1")
+    assert "## Convergence" not in (tmp_path / "results" / "other.md").read_text()
