@@ -28,13 +28,19 @@ def test_smoke_fit_logs_tags_saves_config_and_counts_skips(world, tmp_path, monk
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli.main(["fit", "--config", "experiments/base.yaml", "--config", "experiments/smoke.yaml", f"--run_dir={run}",
-                  "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1.0", "--trainer.log_every_n_steps=1",
+                  "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1.0",
                   f"--data.train_shards={world / 'train'}", f"--data.val_shards={world / 'val'}",
                   "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=0"])
     acc = EventAccumulator(str(run)).Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/logit_scale", "val/loss", "data/skipped"} <= tags
+    # smoke.yaml's own log_every_n_steps (not overridden here) writes the training scalars
+    assert {"train/loss", "temperature/scale", "train/false_negatives", "val/loss", "data/skipped"} <= tags
+    assert "train/logit_scale" not in tags  # one name per signal: temperature/scale
     assert {f"val/{d}/R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} <= tags
     assert (run / "config.yaml").is_file() and "loss: infonce" in (run / "config.yaml").read_text()
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["data/skipped"] == 1.0
+    # the run's mean share of in-batch false negatives (the last logged value of the running mean)
+    steps = [e.value for e in acc.Scalars("train/false_negatives")]
+    assert len(steps) == 3 and final["train/false_negatives"] == pytest.approx(steps[-1])
+    assert 0 <= final["train/false_negatives"] < 1

@@ -3,6 +3,7 @@ projection, gets the same loss (mean over ranks) and the same parameter gradient
 concatenated batch (float64, 1e-6 relative). One spawn runs every family, to stay within a few seconds."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -79,12 +80,31 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             model = Tiny(case).double()
             ddp = nn.parallel.DistributedDataParallel(model)
             results[case_id(case)] = loss_and_grads(model, ddp(batch))
+        results["options"] = options_under_ddp(batch)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # both ranks done before either tears down: a peer closing its gloo pairs under the other's
         # feet aborted a process once ("terminate called without an active exception") on a loaded box
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def options_under_ddp(batch: dict) -> dict:
+    """Options that depend on the process group: siglip's prior bias (-ln of the *global* batch) and
+    multi_positive's oracle mode (refused: the relevance covers only the local batch)."""
+    out = {}
+    emb = Embeddings(batch["image"][:, :DIM], batch["text"][:, :DIM])
+    siglip = build_loss("siglip", init_bias="prior").double()
+    siglip(emb)
+    out["siglip_bias"] = float(siglip.bias)
+    oracle = build_loss("multi_positive", positives="oracle").double()
+    emb.relevance = torch.eye(emb.batch_size, dtype=torch.bool)
+    try:
+        oracle(emb)
+        out["oracle_error"] = None
+    except ValueError as e:
+        out["oracle_error"] = str(e)
+    return out
 
 
 def free_port() -> int:
@@ -118,3 +138,14 @@ def test_two_ranks_equal_one_process(per_rank, case):
         for rank, r in enumerate(ranks):  # DDP leaves the same averaged gradient on every rank
             err = relative_error(r[name], single[name])
             assert err <= RTOL, f"{name} on rank {rank}: relative error {err:.1e}"
+
+
+def test_siglip_prior_bias_uses_the_global_batch(per_rank):
+    for r in per_rank:  # N = 8 over both ranks, not the local 4
+        assert r["options"]["siglip_bias"] == pytest.approx(-math.log(N), rel=1e-12)
+
+
+def test_oracle_targets_refuse_ddp_with_a_clear_error(per_rank):
+    for r in per_rank:
+        msg = r["options"]["oracle_error"]
+        assert msg is not None and "positives='oracle'" in msg and "DDP" in msg and "positives='groups'" in msg

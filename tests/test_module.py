@@ -113,3 +113,52 @@ def test_nan_features_raise_a_clear_error():
     b["image"][1] = float("nan")
     with pytest.raises((FloatingPointError, ValueError), match=r"(?i)nan|loss is"):
         m.training_step(b, 0)
+
+
+def test_oracle_loss_gets_the_batch_relevance_and_groups_loss_does_not():
+    b = batch()
+    rel = torch.eye(4, dtype=torch.bool)
+    rel[0, 1] = True
+    b["meta"]["relevance"] = rel
+    oracle = ClipModule(**TINY, loss="multi_positive", loss_args={"positives": "oracle"})
+    emb = oracle(b)
+    assert emb.relevance is rel and emb.image_groups is None
+    groups = ClipModule(**TINY, loss="multi_positive")(b)
+    assert groups.relevance is None and groups.image_groups is not None
+    assert ClipModule(**TINY)(b).relevance is None  # infonce needs neither
+    del b["meta"]["relevance"]
+    with pytest.raises(ValueError, match=r"positives='oracle' \(option model\.loss_args\.positives\)"):
+        oracle.training_step(b, 0)
+
+
+def _logged(m: ClipModule) -> dict:
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, float(value))  # no trainer attached
+    return logged
+
+
+def test_false_negatives_are_a_running_mean_over_the_run():
+    m = ClipModule(**TINY)
+    logged = _logged(m)
+    b = batch()
+    m.training_step(b, 0)  # no relevance (real data): nothing to log
+    assert "train/false_negatives" not in logged and "train/loss" in logged
+    rel = torch.eye(4, dtype=torch.bool)
+    rel[0, 1] = rel[2, 3] = rel[3, 2] = True  # 3 of the 12 off-diagonal pairs
+    b["meta"]["relevance"] = rel
+    m.training_step(b, 1)
+    assert logged["train/false_negatives"] == pytest.approx(3 / 12)
+    b["meta"]["relevance"] = torch.ones(4, 4, dtype=torch.bool)  # every pair
+    m.training_step(b, 2)
+    assert logged["train/false_negatives"] == pytest.approx((3 / 12 + 1.0) / 2)
+    b["meta"]["relevance"] = torch.eye(4, dtype=torch.bool)
+    m.training_step(b, 3)
+    assert logged["train/false_negatives"] == pytest.approx((3 / 12 + 1.0 + 0.0) / 3)
+    assert ClipModule(**TINY)._false_negative_batches == 0  # per module, not shared through the class
+
+
+def test_scale_is_logged_once_by_the_temperature_callback_not_by_the_step():
+    m = ClipModule(**TINY)
+    logged = _logged(m)
+    m.training_step(batch(), 0)
+    assert "train/logit_scale" not in logged and set(logged) >= {"train/loss", "train/loss/i2t"}
