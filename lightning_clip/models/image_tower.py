@@ -12,8 +12,11 @@ from torch import Tensor, nn
 
 class ImageTower(nn.Module):
     def __init__(self, name: str = "test_vit", pretrained: bool = False, image_size: int | None = None,
-                 channels_last: bool = True, **model_args):
+                 channels_last: bool = True, autocast: str | None = None, **model_args):
         super().__init__()
+        if autocast not in (None, "bf16"):
+            raise ValueError(f"unknown image tower autocast {autocast!r} (option model.image_autocast); "
+                             "choose null (the trainer's precision) or 'bf16'")
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
             raise ValueError(f"unknown timm image model {name!r} (option model.image_model); "
@@ -38,13 +41,25 @@ class ImageTower(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # bf16 for this tower alone, whatever the trainer's precision: on a CPU with AVX512-BF16 (or AMX)
+        # oneDNN's bf16 convolutions make the tiny CNN's forward+backward ~1.2-1.8x faster, while the small
+        # text tower's matmuls get *slower* under autocast (cast overhead on tiny ops), so the default
+        # CPU configuration runs fp32 everywhere except here (benchmarks/tower_precision.py).
+        self.autocast = autocast
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (pooled [N, C], regions [N, R, C])."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        feats = self.model.forward_features(images)
-        pooled = self.model.forward_head(feats, pre_logits=True)
+        if self.autocast == "bf16":
+            with torch.autocast(images.device.type, dtype=torch.bfloat16):
+                feats = self.model.forward_features(images)
+                pooled = self.model.forward_head(feats, pre_logits=True)
+            # heads, variance heads and losses see float32, as under a 32-bit trainer
+            feats, pooled = feats.float(), pooled.float()
+        else:
+            feats = self.model.forward_features(images)
+            pooled = self.model.forward_head(feats, pre_logits=True)
         if feats.ndim == 4:  # CNN: [N, C, H, W] -> [N, H*W, C]
             regions = feats.flatten(2).transpose(1, 2)
         else:  # transformer: [N, prefix + P, C] -> patch tokens only
