@@ -98,13 +98,21 @@ def first_occurrences(ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def oracle_ceiling(relevance: Tensor, image_ids: Tensor, text_image_ids: Tensor) -> dict[str, Tensor]:
-    """Expected R@1 of the oracle scorer with uniformly random tie-breaking, per direction.
+    """Expected R@1 of the relevance oracle as a scorer, with uniformly random tie-breaking, per direction.
 
     relevance: bool ``[Nt, Ni]`` (caption j matches image i); ``image_ids`` ``[Ni]`` (deduplicated images),
     ``text_image_ids`` ``[Nt]`` (the image each caption was written for). The paired items always count
-    as accepted. t2i: mean over captions of |own images| / |accepted images|; i2t: mean over images of
-    |own captions| / |accepted captions|. Returns ``{"t2i/R@1", "i2t/R@1"}`` as 0-dim float tensors.
-    A query with nothing accepted (an image without captions) scores 0.
+    as accepted. The oracle scores s(c, i) = [c accepts i] / |images c accepts|: a caption is worth more
+    the fewer images it fits.
+
+    - t2i: per caption, every accepted image gets the same score, so the best expected R@1 is
+      |own images among the accepted| / |accepted images| ("a red thing" cannot be placed on its own
+      image when 100 images fit it).
+    - i2t: per image, the top-scored captions are its accepted captions that fit the fewest images; R@1
+      is |own captions among them| / |them|. (Plain |own| / |accepted| would not be a ceiling: a model
+      that prefers the most specific caption beats it by 10x.)
+
+    Returns ``{"t2i/R@1", "i2t/R@1"}`` as 0-dim float tensors. A query with nothing accepted scores 0.
     """
     n_txt, n_img = text_image_ids.numel(), image_ids.numel()
     if tuple(relevance.shape) != (n_txt, n_img):
@@ -113,11 +121,13 @@ def oracle_ceiling(relevance: Tensor, image_ids: Tensor, text_image_ids: Tensor)
         raise ValueError(f"the ceiling needs at least one image and one caption, got {n_img} and {n_txt}")
     own = text_image_ids.reshape(-1, 1).to(image_ids.device) == image_ids.reshape(1, -1)
     accepted = own | relevance.to(own.device, torch.bool)
-    out = {}
-    for name, dim in (("t2i", 1), ("i2t", 0)):
-        hits, total = own.sum(dim).double(), accepted.sum(dim).double()
-        out[f"{name}/R@1"] = (hits / total.clamp_min(1)).mean().float()
-    return out
+    t2i = own.sum(1).double() / accepted.sum(1).double().clamp_min(1)
+    # i2t: among the captions accepted for image i, those accepting the fewest images score highest
+    fits = accepted.sum(1).double()                                           # [Nt] images each caption fits
+    masked = torch.where(accepted, fits.reshape(-1, 1), torch.full_like(accepted, float("inf"), dtype=fits.dtype))
+    top = accepted & (masked == masked.min(0, keepdim=True).values)           # [Nt, Ni] top-tied captions
+    i2t = (own & top).sum(0).double() / top.sum(0).double().clamp_min(1)
+    return {"t2i/R@1": t2i.mean().float(), "i2t/R@1": i2t.mean().float()}
 
 
 @dataclass

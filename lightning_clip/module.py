@@ -18,6 +18,14 @@ from lightning_clip.models import ImageTower, ProjectionHead, TextTower, Varianc
 from lightning_clip.outputs import Embeddings
 
 
+def logging_step(trainer) -> bool:
+    """Whether the logger writes this training step (Lightning's rule: every `log_every_n_steps`, and the
+    last step). Training values are logged on_step only, so a value logged on another step is never seen.
+    True outside a trainer."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return True if connector is None else bool(getattr(connector, "should_update_logs", True))
+
+
 class ClipModule(L.LightningModule):
     # running sums behind `train/false_negatives` (whole run so far; plain floats, not checkpointed)
     _false_negative_sum: float = 0.0
@@ -160,6 +168,8 @@ class ClipModule(L.LightningModule):
         return out.loss
 
     def _log_train(self, out, bs: int) -> None:
+        if not logging_step(self._trainer):
+            return  # nothing would be written; each self.log costs ~0.15 ms of a ~45 ms default step
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         for name, value in out.terms.items():
             self.log(f"train/loss/{name}", value, batch_size=bs)

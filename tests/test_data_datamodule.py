@@ -243,3 +243,38 @@ def test_transform_takes_tensors_and_pil_alike_and_normalises():
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     torch.testing.assert_close(out, (x.float() / 255 - mean) / std)
     assert ImageTransform(4)(x).shape == (3, 4, 4)  # resize + centre crop when the size differs
+
+
+def test_prefetch_thread_yields_the_same_training_stream_over_epochs(world):
+    # one worker process: the stream is a function of the seed, so with and without the receiving thread
+    # the batches must be identical, epoch after epoch (persistent workers reuse one iterator, which the
+    # previous epoch's thread must release first)
+    def epochs(threaded: bool) -> list[list[str]]:
+        loader = _dm(world, epoch_length=40, batch_size=8, num_workers=1).train_dataloader()
+        loader.prefetch_thread = threaded
+        out = [[k for b in loader for k in b["meta"]["key"]] for _ in range(3)]
+        assert len(loader) == 5
+        return out
+
+    plain, threaded = epochs(False), epochs(True)
+    assert threaded == plain and all(len(e) == 40 for e in threaded) and plain[0] != plain[1]
+    assert _dm(world, num_workers=1).train_dataloader().prefetch_thread  # on for training
+
+
+def test_prefetch_thread_stops_mid_epoch_and_reraises_loader_errors():
+    from lightning_clip.data.datamodule import _ThreadedIterator
+
+    def boom():
+        yield 1
+        yield 2
+        raise BadSampleError("bad sample in shard s.tar, key k1")
+
+    it = _ThreadedIterator(boom())
+    assert next(it) == 1 and next(it) == 2
+    with pytest.raises(BadSampleError, match="s.tar, key k1"):
+        next(it)
+    endless = _ThreadedIterator(iter(range(10 ** 9)), depth=2)
+    assert [next(endless) for _ in range(3)] == [0, 1, 2]
+    endless.close()  # returns although the source never ends
+    assert not endless._thread.is_alive()
+    assert list(_ThreadedIterator(iter(range(5)))) == [0, 1, 2, 3, 4]

@@ -242,15 +242,18 @@ def test_helpers():
 
 # -- the oracle ceiling -----------------------------------------------------------------------------------
 def monte_carlo_ceiling(relevance, image_ids, text_image_ids, trials=4000, seed=0):
-    """R@1 of the oracle scorer (score = accepted, ties broken by uniform noise), averaged over trials."""
+    """R@1 of the oracle scorer (score = accepted / images the caption fits, ties broken by tiny uniform
+    noise), averaged over trials."""
     g = torch.Generator().manual_seed(seed)
     own = text_image_ids[:, None] == image_ids[None, :]
     accepted = (own | relevance).float()
+    score = accepted / accepted.sum(1, keepdim=True)  # distinct fit counts differ by >= 1/N^2
+    eps = 0.5 / accepted.shape[1] ** 2
     out = {}
-    for name, acc, pos in (("t2i", accepted, own), ("i2t", accepted.T, own.T)):
+    for name, acc, pos in (("t2i", score, own), ("i2t", score.T, own.T)):
         hits = 0.0
         for _ in range(trials // 100):
-            noise = torch.rand(100, *acc.shape, generator=g) * 0.5  # < 1: never lifts a rejected item
+            noise = torch.rand(100, *acc.shape, generator=g) * eps  # never reorders distinct scores
             top = (acc[None] + noise).argmax(dim=-1)                  # [trials, Nq]
             hits += pos.gather(1, top.T).float().sum().item()
         out[f"{name}/R@1"] = hits / (trials * acc.shape[0])
@@ -269,9 +272,15 @@ def test_oracle_ceiling_hand_built():
                              dtype=torch.bool)
     c = oracle_ceiling(relevance, image_ids, text_image_ids)
     assert float(c["t2i/R@1"]) == pytest.approx((1 / 3 + 1 + 1 + 1 + 1 / 2) / 5)
-    # i2t: image 0 accepts captions {0, 1} (both own) -> 1; image 1 accepts {0, 2, 3, 4}, own {2, 3} -> 1/2;
-    # image 2 accepts {0, 4}, own {4} -> 1/2
-    assert float(c["i2t/R@1"]) == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    # i2t: the captions fit 3, 1, 1, 1, 2 images. Image 0 accepts {0, 1}: the most specific is 1 (own) -> 1;
+    # image 1 accepts {0, 2, 3, 4}: top {2, 3} (own) -> 1; image 2 accepts {0, 4}: top {4} (own) -> 1
+    assert float(c["i2t/R@1"]) == pytest.approx(1.0)
+    # make caption 1 fit image 1 too and caption 3 fit image 0: image 0's top is now {1, 3} (fit 2 each), one
+    # of them its own -> 1/2; image 1's top is {2} -> 1; image 2 unchanged -> 1
+    tied = relevance.clone()
+    tied[1, 1] = True
+    tied[3, 0] = True
+    assert float(oracle_ceiling(tied, image_ids, text_image_ids)["i2t/R@1"]) == pytest.approx((1 / 2 + 1 + 1) / 3)
     # a perfect oracle (nothing but the pairs) is 1 in both directions; everything relevant is |own| / N
     none = torch.zeros(5, 3, dtype=torch.bool)
     assert {k: float(v) for k, v in oracle_ceiling(none, image_ids, text_image_ids).items()} == {"t2i/R@1": 1.0,

@@ -12,8 +12,9 @@ collected per id here, gathered across ranks as python objects, and turned into 
 `lightning_clip.data.synthetic.relevance_matrix`. Real data has ``None`` there and gets no semantic keys.
 
 With the relevance the callback also logs the oracle ceiling, ``val/ceiling/{t2i,i2t}/R@1``
-(`lightning_clip.metrics.oracle_ceiling`): the expected R@1 of a perfect scorer that breaks ties at random,
-i.e. what the vague captions leave reachable. It is constant for a validation set and costs two reductions
+(`lightning_clip.metrics.oracle_ceiling`): the expected R@1 of the relevance oracle used as a scorer (a
+caption counts more the fewer images it fits; ties broken at random), i.e. what the vague captions leave
+reachable. It is constant for a validation set and costs two reductions
 over the relevance matrix (2,500 x 500 on the default world), so it is simply recomputed each epoch.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The learned temperature, every training step: ``temperature/scale`` (the multiplier exp(log_scale)),
+"""The learned temperature, on every training step the logger writes: ``temperature/scale`` (the multiplier exp(log_scale)),
 ``temperature/log_scale`` (the raw parameter, which is what the optimiser moves and the clamp cuts) and
 ``temperature/bias`` (SigLIP-style families). Only what the family has is logged.
 
@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import lightning as L
 
+from lightning_clip.module import logging_step
+
 KEYS = ("scale", "log_scale", "bias")
 
 
 class TemperatureCallback(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = getattr(pl_module, "loss", None)
-        if loss is None or not hasattr(loss, "scalars"):
+        if loss is None or not hasattr(loss, "scalars") or not logging_step(trainer):
             return
         values = loss.scalars()
         for key in KEYS:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import random
+import threading
 import warnings
 from itertools import islice
 from pathlib import Path
@@ -186,13 +188,78 @@ def _as_is(batch):
     return batch
 
 
-class _EpochLoader(DataLoader):
-    """Tells the stream which epoch it is, so non-persistent workers do not replay the same order."""
+class _ThreadedIterator:
+    """Pulls batches from the loader's worker processes in a background thread, ``depth`` ahead.
+
+    Receiving a finished batch from a worker (queue read, unpickling, mapping the tensors' shared memory)
+    costs the training loop ~2 ms of Python per step on this repository's CPU machine, 4-5% of a default
+    step; a thread does it while the main thread is inside the towers' kernels (which release the GIL).
+    Errors raised by the loader (a bad shard under ``data.strict``) are re-raised in the main thread.
+    """
+
+    def __init__(self, iterator, depth: int = 2):
+        self._iterator = iterator
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lightning-clip-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for batch in self._iterator:
+                if not self._put(("batch", batch)):
+                    return
+            self._put(("end", None))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            self._put(("error", err))
 
     def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, value = self._queue.get()
+        if kind == "batch":
+            return value
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop pulling; waits for the thread, so the loader's iterator can be reset safely."""
+        self._stop.set()
+        self._thread.join()
+
+
+class _EpochLoader(DataLoader):
+    """Tells the stream which epoch it is, so non-persistent workers do not replay the same order.
+
+    With ``prefetch_thread`` (training with worker processes) batches are received by a background
+    thread (`_ThreadedIterator`)."""
+
+    prefetch_thread = False
+
+    def __iter__(self):
+        previous = getattr(self, "_threaded", None)
+        if previous is not None:
+            # persistent workers reuse one iterator: the previous epoch's thread must let go of it first
+            previous.close()
+            self._threaded = None
         self.dataset.epoch = getattr(self, "_epoch", 0)
         self._epoch = self.dataset.epoch + 1
-        return super().__iter__()
+        iterator = super().__iter__()
+        if self.prefetch_thread and self.num_workers > 0:
+            self._threaded = _ThreadedIterator(iterator)
+            return self._threaded
+        return iterator
 
 
 class ClipDataModule(LightningDataModule):
@@ -353,7 +420,9 @@ class ClipDataModule(LightningDataModule):
         # Lightning warns that __len__ may be wrong with several workers; ours is exact (each worker
         # yields batches_per_worker batches from its own seed), so the warning is only noise.
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-        return self._loader(self._train, self.num_workers)
+        loader = self._loader(self._train, self.num_workers)
+        loader.prefetch_thread = True
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         if self._val is None:
