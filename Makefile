@@ -18,7 +18,7 @@ JOBS     ?= 2
 ARGS     ?=
 CONFIG   ?= experiments/base.yaml
 
-.PHONY: help install data train smoke ablate test test-slow tensorboard bench clean
+.PHONY: help install data train smoke ablate convergence test test-slow tensorboard bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,8 +31,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $@
 
-data: install  ## generate the default synthetic world into data/synthetic (skipped when present)
-	$(PY) -m lightning_clip.data.synthetic --out data/synthetic
+data: install  ## generate the default synthetic world into data/synthetic48 (skipped when present)
+	$(PY) -m lightning_clip.data.synthetic --out data/synthetic48 --image-size 48
 
 train: install  ## one training run: make train CONFIG=... ARGS='--model.loss=siglip'
 	$(PY) -m lightning_clip fit --config $(CONFIG) $(ARGS)
@@ -42,6 +42,9 @@ smoke: install  ## a few steps of tiny everything (< 1 min)
 
 ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1)
 	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS)
+
+convergence: install  ## the convergence study that sets base.yaml's budget (every family at 2x, ~20 min)
+	$(PY) -m lightning_clip.ablate --ablation convergence --jobs $(JOBS)
 
 test: install  ## the test suite without the slow end-to-end tests (< 5 min)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" -q

@@ -18,9 +18,9 @@ becomes the cell's description in the tables); lines starting with `# @` are dir
     # @data VAR DEFAULT  the cell reads shards from $VAR (default DEFAULT), a folder with train/ and val/;
                          the runner passes --data.train_shards/--data.val_shards, and skips the cell with
                          a message when the folder is absent (real data is not on every machine)
-    # @seeds N           the ablation's default number of seeds (0..N-1) instead of 3, for every one of
-                         its cells; it may stand in any cell (one is enough), and cells that state it
-                         must agree. `--seeds` on the command line overrides it; `--quick` uses 1.
+    # @seeds N           this cell's number of seeds (0..N-1) instead of 3 (the convergence study runs
+                         every family once and the baseline three times). `--seeds` on the command line
+                         overrides every cell; `--quick` uses 1.
 
 Resumability: a run is complete when its folder holds a `DONE` stamp, written only after the command
 exited 0 and left final_metrics.json. A second call skips complete runs; a folder without a stamp
@@ -58,6 +58,9 @@ QUICK_CONFIG = Path("experiments/quick.yaml")
 # The order `make ablate` runs them in: the main table first, and `losses` before `variance`, which
 # repeats three of its cells and so copies their runs. Unlisted ablations follow alphabetically.
 PREFERRED_ORDER = ("losses", "batch_size", "duplicates", "variance", "real")
+# Studies run only when named (`--ablation convergence`, `make convergence`): the convergence study sets
+# the budget that every ablation uses, so it is not part of the grid it budgets (and costs ~20 min).
+STUDIES = ("convergence",)
 DEFAULT_SEEDS, QUICK_SEEDS = 3, 1
 CMD_ENV = "LIGHTNING_CLIP_ABLATE_CMD"  # replaces `python -m lightning_clip fit` (tests use a fake)
 STAMP, LOG, PID_FILE, METRICS, MANIFEST = "DONE", "run.log", "PID", "final_metrics.json", "ablation.json"
@@ -94,13 +97,13 @@ class Ablation:
 
     @property
     def default_seeds(self) -> int:
-        """The `# @seeds N` of its cells (they agree; `load_ablation` checks), else DEFAULT_SEEDS."""
-        return next((c.seeds for c in self.cells if c.seeds is not None), DEFAULT_SEEDS)
+        """The most seeds any cell runs (each cell's `# @seeds N`, else DEFAULT_SEEDS)."""
+        return max(c.seeds or DEFAULT_SEEDS for c in self.cells)
 
 
 def seeds_for(ablation: Ablation, cli_seeds: int | None = None, quick: bool = False) -> list[int]:
-    """The seeds of one ablation: `--seeds` if given, else 1 with --quick, else the cells' `# @seeds N`,
-    else DEFAULT_SEEDS."""
+    """The seeds of one ablation: `--seeds` if given, else 1 with --quick, else as many as its cell with
+    the most (`# @seeds N`, else DEFAULT_SEEDS); `plan_runs` gives each cell only its own."""
     if cli_seeds is not None:
         n = cli_seeds
     elif quick:
@@ -155,10 +158,6 @@ def load_ablation(name: str, ablations_dir: Path = ABLATIONS_DIR) -> Ablation:
     if len(baselines) != 1:
         raise SystemExit(f"ablation '{name}' needs exactly one cell marked '# @baseline', found "
                          f"{baselines or 'none'} in {folder}")
-    stated = {c.name: c.seeds for c in cells if c.seeds is not None}
-    if len(set(stated.values())) > 1:
-        raise SystemExit(f"ablation '{name}': its cells disagree on '# @seeds' ("
-                         + ", ".join(f"{c}: {n}" for c, n in sorted(stated.items())) + "); state one number")
     # baseline first: tables and plots read top-down from the reference
     cells.sort(key=lambda c: not c.baseline)
     return Ablation(name, tuple(cells))
@@ -194,8 +193,11 @@ def _canonical_config(path: Path) -> object:
 
 def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base: Path = BASE_CONFIG,
               quick_config: Path | None = None, extra: Sequence[str] = (), environ=os.environ,
-              log=print) -> list[Run]:
-    """The runs of one ablation, seed-major (all cells of seed 0 first: an early table covers every cell)."""
+              log=print, per_cell_seeds: bool = False) -> list[Run]:
+    """The runs of one ablation, seed-major (all cells of seed 0 first: an early table covers every cell).
+
+    With ``per_cell_seeds`` a cell runs only the seeds below its own `# @seeds N` (else DEFAULT_SEEDS);
+    without, every cell runs every seed given (`--seeds`, `--quick`)."""
     runs = []
     cells = list(ablation.cells)
     for cell in list(cells):
@@ -206,6 +208,8 @@ def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base:
             cells.remove(cell)
     for seed in seeds:
         for cell in cells:
+            if per_cell_seeds and seed >= (cell.seeds or DEFAULT_SEEDS):
+                continue
             run_dir = Path(runs_dir) / ablation.name / cell.name / f"seed_{seed}"
             paths = [Path(base), cell.path, *([Path(quick_config)] if quick_config else [])]
             args = [a for p in paths for a in ("--config", str(p))]
@@ -551,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"{required} not found: run from the repository root (or pass --base)")
     runs_dir = args.runs_dir / "quick" if args.quick else args.runs_dir
     results_dir = args.results_dir / "quick" if args.quick else args.results_dir
-    names = args.ablation or available(args.ablations_dir)
+    names = args.ablation or [n for n in available(args.ablations_dir) if n not in STUDIES]
     if not names:
         raise SystemExit(f"no ablations under {args.ablations_dir}")
     ablations = [load_ablation(n, args.ablations_dir) for n in names]
@@ -565,7 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      for a in ablations if any(c.quick for c in a.cells)]
     seeds = {a.name: seeds_for(a, args.seeds, args.quick) for a in ablations}
     plans = {a.name: plan_runs(a, seeds[a.name], runs_dir, base=args.base, quick_config=QUICK_CONFIG if args.quick else None,
-                               extra=args.extra) for a in ablations}
+                               extra=args.extra, per_cell_seeds=args.seeds is None and not args.quick)
+             for a in ablations}
     runs = [r for plan in plans.values() for r in plan]
     if args.dry_run:
         for r in runs:
