@@ -57,7 +57,7 @@ BASE_CONFIG = Path("experiments/base.yaml")
 QUICK_CONFIG = Path("experiments/quick.yaml")
 # The order `make ablate` runs them in: the main table first, and `losses` before `variance`, which
 # repeats three of its cells and so copies their runs. Unlisted ablations follow alphabetically.
-PREFERRED_ORDER = ("losses", "batch_size", "duplicates", "variance", "real")
+PREFERRED_ORDER = ("losses", "batch_size", "batch_steps", "duplicates", "variance", "real")
 # Studies run only when named (`--ablation convergence`, `make convergence`): the convergence study sets
 # the budget that every ablation uses, so it is not part of the grid it budgets (and costs ~20 min).
 STUDIES = ("convergence",)

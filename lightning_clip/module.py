@@ -168,8 +168,6 @@ class ClipModule(L.LightningModule):
         return out.loss
 
     def _log_train(self, out, bs: int) -> None:
-        if not logging_step(self._trainer):
-            return  # nothing would be written; each self.log costs ~0.15 ms of a ~45 ms default step
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         for name, value in out.terms.items():
             self.log(f"train/loss/{name}", value, batch_size=bs)

@@ -129,7 +129,8 @@ def test_ablation_needs_one_baseline(project):
 def test_shipped_ablations_are_well_formed():
     root = REPO / "experiments" / "ablations"
     names = ablate.available(root)
-    assert names[:4] == ["losses", "batch_size", "duplicates", "variance"] and "real" in names
+    assert names[:5] == ["losses", "batch_size", "batch_steps", "duplicates", "variance"] and "real" in names
+    assert "convergence" in names and "convergence" in ablate.STUDIES  # run only when named
     for name in names:
         a = ablate.load_ablation(name, root)
         assert a.cells[0].baseline
@@ -140,11 +141,25 @@ def test_shipped_ablations_are_well_formed():
     losses = {c.name for c in ablate.load_ablation("losses", root).cells}
     assert {"soft_targets-tutorial", "soft_targets-fixed", "probabilistic-proposal", "probabilistic-gaussian",
             "infonce", "siglip", "multi_positive", "nce", "dcl", "damsm"} <= losses
-    # every batch size sees the same number of training pairs (9600), so only the batch differs
-    for c in ablate.load_ablation("batch_size", root).cells:
+    # the convergence study runs every family of `losses`, each for the same (longer) budget
+    conv = ablate.load_ablation("convergence", root)
+    assert {c.name for c in conv.cells} == losses
+    assert len({yaml.safe_load(c.path.read_text())["trainer"]["max_steps"] for c in conv.cells}) == 1
+
+    def shape(c):
         d = yaml.safe_load(c.path.read_text())
-        assert 9600 <= d["trainer"]["max_steps"] * d["data"]["batch_size"] < 9600 + d["data"]["batch_size"], c.name
-    # the duplicate-aware comparison needs an image several times in a batch
+        return d["data"]["batch_size"], d["trainer"]["max_steps"]
+
+    # equal pairs: every batch size sees the same number of training pairs, so only the batch differs;
+    # equal steps: every batch size takes the same number of optimizer steps
+    sizes = {c.name: shape(c) for c in ablate.load_ablation("batch_size", root).cells}
+    assert len({b * s for b, s in sizes.values()}) == 1 and len({b for b, _ in sizes.values()}) >= 3
+    steps = {c.name: shape(c) for c in ablate.load_ablation("batch_steps", root).cells}
+    assert len({s for _, s in steps.values()}) == 1 and set(steps) == set(sizes)
+    # ... and they share their batch-64 cells (same configuration: the runner copies them)
+    assert sizes["infonce-b64"] == steps["infonce-b64"]
+    # the duplicate-aware comparison needs an image several times in a batch, and the false-negative
+    # settings differ in the training captions only
     for c in ablate.load_ablation("duplicates", root).cells:
         assert yaml.safe_load(c.path.read_text())["data"]["batching"] == "caption", c.name
     assert all(c.data for c in ablate.load_ablation("real", root).cells)
