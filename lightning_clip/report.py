@@ -775,6 +775,82 @@ def _machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
 
 
+# ------------------------------------------------------------------------------ default budget vs plateau
+BUDGET_KEYS = ("val/semantic/t2i/R@1", "val/t2i/R@1", "val/semantic/i2t/R@1", "val/i2t/R@1")
+BUDGET_TOLERANCE = 0.02  # base.yaml's rule: InfoNCE within 2 points of its own plateau
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """mean(a) − mean(b) with Welch's t interval (independent samples, unequal variances); no interval
+    unless both have two values or more."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) == 0 or len(y) == 0:
+        return NAN_INTERVAL
+    d = float(x.mean() - y.mean())
+    if len(x) < 2 or len(y) < 2:
+        return Interval(d, math.nan, math.nan, min(len(x), len(y)))
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(vx + vy)
+    if se == 0:
+        return Interval(d, d, d, min(len(x), len(y)))
+    dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+    half = float(stats.t.ppf((1 + confidence) / 2, dof) * se)
+    return Interval(d, d - half, d + half, min(len(x), len(y)))
+
+
+def budget_gaps(plateau: Mapping[str, Mapping[int, Mapping[str, float]]],
+                default: Mapping[str, Mapping[int, Mapping[str, float]]],
+                keys: Sequence[str] = BUDGET_KEYS) -> list[dict]:
+    """Per cell present in both: the default-budget runs' final value, the long runs' final value (the
+    plateau) and plateau − default with Welch's interval, per key."""
+    rows = []
+    for cell in plateau:
+        if cell not in default or not plateau[cell] or not default[cell]:
+            continue
+        row: dict = {"cell": cell}
+        for key in keys:
+            p = [m[key] for m in plateau[cell].values() if key in m]
+            d = [m[key] for m in default[cell].values() if key in m]
+            if p and d:
+                row[key] = (t_interval(d), t_interval(p), welch_difference(p, d))
+        rows.append(row)
+    return rows
+
+
+def format_budget(rows: Sequence[dict], default_name: str, keys: Sequence[str] = BUDGET_KEYS,
+                  tolerance: float = BUDGET_TOLERANCE) -> str:
+    if not rows:
+        return ""
+
+    def iv(i: Interval) -> str:
+        if not math.isfinite(i.mean):
+            return ""
+        return f"{100 * i.mean:.1f}" + (f" ± {100 * i.half_width:.1f}" if math.isfinite(i.half_width) else "")
+
+    def gap(i: Interval) -> str:
+        text = f"{100 * i.mean:+.1f}"
+        return text + (f" [{100 * i.low:.1f}, {100 * i.high:.1f}]" if math.isfinite(i.low) else "")
+
+    out = [f"## Default budget vs plateau",
+           "",
+           f"Final values of the default-budget runs (`runs/{default_name}`) against the same family's runs at "
+           f"this study's budget (the plateau); gap = plateau − default, Welch's 95% interval where both have "
+           f"two seeds or more. base.yaml's rule: InfoNCE's gap at most {100 * tolerance:.0f} points.",
+           "",
+           "| cell | " + " | ".join(f"{_metric(k).label} default | plateau | gap" for k in keys) + " |",
+           "|---|" + "---:|---:|---:|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            if k in r:
+                d, p, g = r[k]
+                cells += [iv(d), iv(p), gap(g)]
+            else:
+                cells += ["", "", ""]
+        out.append(f"| `{r['cell']}` | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_dir: str | os.PathLike = "results",
                  *, plots: bool = True, curve_tags: Sequence[str] | None = None) -> dict[str, Path]:
     """Everything for one ablation; returns {kind: path} of what it wrote. ``curve_tags``: the panels of the
@@ -800,6 +876,11 @@ def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_di
     curves = curves_of(runs, curve_tags)
     stamp = f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} on {_machine()}."
     sections = [format_plateau(plateau_summary(curves, curve_tags)) if convergence else "", format_ranking(ranking)]
+    default_dir = Path(runs_dir) / "losses"
+    if convergence and default_dir.is_dir():
+        # the convergence cells are the `losses` cells at twice the budget: how far is each from its plateau?
+        default = load_metrics(default_dir, [c for c in cells if (default_dir / c).is_dir()])
+        sections.insert(1, format_budget(budget_gaps(metrics, default), "losses"))
     md = format_markdown(rows, ablation, source=ablation_dir.as_posix(), stamp=stamp,
                          series=series_differences(metrics, manifest.get("baseline")), sections=sections)
     written = {

@@ -400,3 +400,23 @@ def test_convergence_report_with_one_seed_for_most_cells(tmp_path, monkeypatch):
                         str(tmp_path / "results"), "--curve-tags", "val/i2t/R@1", "val/semantic/i2t/R@1"]) == 0
     assert seen["tags"] == ("val/i2t/R@1", "val/semantic/i2t/R@1")
     assert "## Convergence" not in (tmp_path / "results" / "other.md").read_text()
+
+
+def test_welch_difference_against_scipy_and_the_budget_table():
+    from lightning_clip.report import budget_gaps, format_budget, welch_difference
+
+    a, b = [0.90, 0.91, 0.89], [0.86, 0.88, 0.85]
+    d = welch_difference(a, b)
+    t = stats.ttest_ind(a, b, equal_var=False)
+    assert d.mean == pytest.approx(np.mean(a) - np.mean(b))
+    # the interval excludes zero exactly when Welch's two-sided test rejects at 5%
+    assert d.excludes_zero == (t.pvalue < 0.05)
+    half = d.half_width
+    assert t.statistic == pytest.approx(d.mean / (half / stats.t.ppf(0.975, t.df)), rel=1e-6)
+    assert math.isnan(welch_difference(a, [0.8]).low) and welch_difference(a, [0.8]).mean == pytest.approx(0.1)
+    plateau = {"infonce": {s: {"val/t2i/R@1": v} for s, v in enumerate(a)}, "dcl": {0: {"val/t2i/R@1": 0.5}}}
+    default = {"infonce": {s: {"val/t2i/R@1": v} for s, v in enumerate(b)}}
+    rows = budget_gaps(plateau, default, keys=["val/t2i/R@1"])
+    assert [r["cell"] for r in rows] == ["infonce"]  # dcl has no default-budget runs
+    text = format_budget(rows, "losses", keys=["val/t2i/R@1"])
+    assert "| `infonce` | 86.3 ± " in text and f"{100 * d.mean:+.1f} [" in text
