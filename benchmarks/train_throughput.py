@@ -83,7 +83,9 @@ def tower_throughput(module, trainer, batch_size: int, image_size: int, length: 
     device = trainer.strategy.root_device
     module = module.to(device).train()
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device)
+    # NHWC like the loader's batches, so neither side pays a layout conversion the other does not
+    image = torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device).contiguous(
+        memory_format=torch.channels_last)
     ids = torch.randint(1, vocab, (batch_size, length), generator=g).to(device)
     mask = torch.ones_like(ids)  # the loader pads to max_length, so every batch has this shape
     # the optimizer the module itself uses (fused kernel on CPU and CUDA), so only the towers differ

@@ -58,7 +58,9 @@ def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length
     info = [r.caption_info[k] if r.caption_info else None for r, k, _ in items]
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     batch = {
-        "image": torch.stack([x for _, _, x in items]),
+        # NHWC, the layout the image tower runs in (model.channels_last), made here in the loader worker
+        # instead of in the training loop (0.5 ms of its step); values are the same in either layout
+        "image": torch.stack([x for _, _, x in items]).contiguous(memory_format=torch.channels_last),
         "input_ids": tok["input_ids"].long(),
         "attention_mask": tok["attention_mask"].long(),
         "meta": {
