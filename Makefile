@@ -60,6 +60,7 @@ bench: install  ## the benchmark scripts (figures go to stdout; see BENCHMARKS.m
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/train_throughput.py --steps 40
 	$(PY) benchmarks/tower_layout.py
+	$(PY) benchmarks/tower_precision.py
 
 clean:  ## remove runs, results of quick runs, caches (keeps .venv and data)
 	rm -rf runs lightning_logs .pytest_cache results/quick

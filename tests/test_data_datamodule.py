@@ -13,6 +13,7 @@ from webdataset import TarWriter
 
 from lightning_clip.data import ClipDataModule, synthetic as syn
 from lightning_clip.data.shards import BadSampleError, DataWarning, expand_shards
+from _data_helpers import small_dm
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +22,7 @@ def world(tmp_path_factory) -> Path:
 
 
 def _dm(world, **kw) -> ClipDataModule:
-    kw = {"train_shards": str(world / "train"), "val_shards": str(world / "val"), "batch_size": 8,
-          "num_workers": 0, "epoch_length": 32, "shuffle_buffer": 16, **kw}
-    dm = ClipDataModule(**kw)
-    dm.setup("fit")
-    return dm
+    return small_dm(world, **{"epoch_length": 32, **kw})
 
 
 def _val_keys(world) -> list[str]:
