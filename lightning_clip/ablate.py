@@ -585,6 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (" (quick)" if args.quick else ""), flush=True)
     command = shlex.split(args.cmd) if args.cmd else None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # A runner started in the background of a non-interactive shell (`make ablate &`, nohup) inherits
+    # SIGINT as ignored, and Python then keeps it ignored: kill -INT would not stop it. Stopping with
+    # Ctrl-C / SIGINT is this runner's documented way to interrupt, so it always listens.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with _Lock(runs_dir):
             for a in ablations:
@@ -596,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
     problems = [f"{f.run.label}: {f.reason}; log {f.log_path}" for f in failures]
     if not args.no_report:

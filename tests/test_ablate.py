@@ -254,10 +254,12 @@ def test_extra_arguments_go_to_every_run(project):
 
 
 # ------------------------------------------------------------------------------- signals (processes)
-def _start_runner(project: Path, *args: str) -> subprocess.Popen:
+def _start_runner(project: Path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen:
+    # sigint_ignored: as a runner started with `&` from a non-interactive shell inherits SIGINT
     return subprocess.Popen([sys.executable, "-m", "lightning_clip.ablate", "--seeds", "1", "--no-report", *args],
                             cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+                            env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
 
 
 def _wait_for_call(project: Path, n: int, timeout: float = 30) -> dict:
@@ -297,9 +299,10 @@ def test_kill_9_of_a_child_fails_that_run_and_a_rerun_redoes_it(project):
     assert run_dirs(project) == ["toy/a/seed_0", "toy/b/seed_0"]
 
 
-def test_ctrl_c_stops_the_child_and_leaves_no_stamp(project):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "background-started"])
+def test_ctrl_c_stops_the_child_and_leaves_no_stamp(project, sigint_ignored):
     cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\nfake: {sleep: 30}\n")
-    runner = _start_runner(project)
+    runner = _start_runner(project, sigint_ignored=sigint_ignored)
     child = _wait_for_call(project, 1)
     runner.send_signal(signal.SIGINT)
     out, _ = runner.communicate(timeout=30)
