@@ -8,7 +8,8 @@ Prints
   steady state (the first batch, which includes worker start-up and the buffer fill, is excluded);
 - image decode, ms per image: PIL + PIL-to-tensor against the loader's `decode_image` (torchvision), on the
   generated JPEGs, with a check that both give the same pixels;
-- `relevance_matrix` time for 2,500 captions x 500 images (the semantic-recall oracle);
+- `relevance_matrix` time for 2,500 captions x 500 images (the semantic-recall oracle) and for one
+  training batch (64 x 64, made in the loader worker for every batch);
 - training-step samples/s of `ClipModule` with the model section of experiments/base.yaml, fed from
   memory so that only the step is timed (when `lightning_clip.module` is importable).
 The loader must be at least 3x faster than the training step (issue 4).
@@ -72,7 +73,18 @@ def bench_relevance(root: Path) -> float:
     dt = min(times)
     print(f"relevance_matrix {tuple(r.shape)}: {dt * 1000:.0f} ms best of 5, {sorted(times)[2] * 1000:.0f} ms median "
           f"(mean relevance {r.float().mean():.3f})")
+    # a training batch's matrix (64 captions x their 64 images), made in the loader worker for every batch
+    batch_caps, batch_scenes = caps[:320:5], scenes[:64]
+    best = min(_timed(lambda: syn.relevance_matrix(batch_caps, batch_scenes), 50) for _ in range(5))
+    print(f"relevance_matrix (64, 64), one training batch: {best * 1000:.2f} ms best of 5 x 50")
     return dt
+
+
+def _timed(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
 
 
 def bench_decode(root: Path, limit: int = 2000) -> None:

@@ -27,7 +27,7 @@ def logging_step(trainer) -> bool:
 
 
 class ClipModule(L.LightningModule):
-    # running sums behind `train/false_negatives` (whole run so far; plain floats, not checkpointed)
+    # running sum and count behind `train/false_negatives` (whole run so far; not checkpointed)
     _false_negative_sum: float = 0.0
     _false_negative_batches: int = 0
 
@@ -155,8 +155,9 @@ class ClipModule(L.LightningModule):
         if rel is None or rel.shape[0] < 2:
             return
         n = rel.shape[0]
-        off = int((rel.sum() - rel.diagonal().sum()).item())  # one device sync
-        self._false_negative_sum += off / (n * (n - 1))
+        # a tensor sum, not a float: no device sync in the training step (the log call reads it)
+        off = (rel.sum() - rel.diagonal().sum()).float()
+        self._false_negative_sum = self._false_negative_sum + off / (n * (n - 1))
         self._false_negative_batches += 1
 
     def training_step(self, batch: dict, batch_idx: int) -> Optional[Tensor]:
@@ -279,11 +280,9 @@ class ClipModule(L.LightningModule):
             else:
                 decay.append(p)
         hp = self.hparams
-        # The fused kernel: on CPU the default AdamW is a Python loop over parameters (~10 ms a step for
-        # the tiny default model, a quarter of its step); fused is one kernel per tensor, same maths.
-        params = decay + no_decay
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.float16,
-                                                                    torch.bfloat16) for p in params)
+        # The fused kernel (CPU and CUDA): the CPU default is a Python loop of several small ops per
+        # parameter tensor; fused is one kernel per tensor, same maths. Trainable parameters are floats.
+        fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas),
                                 fused=fused or None)
