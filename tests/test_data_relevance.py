@@ -1,5 +1,5 @@
 """The batch's oracle relevance (`meta["relevance"]`) and caption sampling by specificity
-(`data.caption_levels`)."""
+(`data.caption_levels`, `data.caption_objects`)."""
 from __future__ import annotations
 
 import time
@@ -120,6 +120,45 @@ def test_caption_batching_emits_only_the_chosen_levels(world):
 def test_validation_ignores_caption_levels(world):
     keys = lambda dm: Counter(k for b in dm.val_dataloader() for k in b["meta"]["key"])  # noqa: E731
     assert keys(_dm(world, caption_levels=[1])) == keys(_dm(world))
+
+
+def _described_by_key(world) -> dict[tuple[str, int], tuple[int, int]]:
+    """(key, caption index) -> (level, number of objects the caption describes)."""
+    out = {}
+    for shard in sorted((world / "train").glob("*.tar")):
+        for r in iter_records(str(shard), SkipPolicy(True)):
+            for k, c in enumerate(r.caption_info):
+                out[r.key, k] = (c["level"], len(c["constraints"]["objects"]))
+    return out
+
+
+def test_caption_objects_keeps_only_captions_of_that_many_objects(world):
+    truth = _described_by_key(world)
+    emitted = lambda dm: [truth[k.split("#")[0], int(k.split("#")[1])]  # noqa: E731
+                          for b in dm.train_dataloader() for k in b["meta"]["key"]]
+    both = emitted(_dm(world, batching="caption", caption_levels=[1], caption_objects=[1]))
+    assert both and set(both) == {(1, 1)}
+    only_objects = emitted(_dm(world, batching="caption", caption_objects=[2, 3]))
+    assert only_objects and {n for _, n in only_objects} == {2, 3}
+    assert len({lv for lv, _ in only_objects}) > 1  # levels are not filtered by it
+    # the unfiltered stream has every count, so the filter did the work
+    assert {n for _, n in emitted(_dm(world, batching="caption"))} == {1, 2, 3}
+
+
+def test_vague_single_object_captions_raise_the_false_negative_share(world):
+    # the knob exists for the `duplicates` ablation: one-attribute captions about one object fit the most
+    # images, so more of a batch's off-diagonal pairs are relevant than with all captions (image batching:
+    # under caption batching an image repeating in its batch dominates the share of 8 items)
+    def share(dm):
+        rels = [b["meta"]["relevance"] for b in dm.train_dataloader()]
+        return sum(float(r.sum() - r.diagonal().sum()) for r in rels) / sum(r.numel() - len(r) for r in rels)
+    assert share(_dm(world, caption_levels=[1], caption_objects=[1])) > 2 * share(_dm(world))
+
+
+@pytest.mark.parametrize("objects", [[0], [4], [], ["1"], [True]])
+def test_bad_caption_objects_name_the_option(world, objects):
+    with pytest.raises(ValueError, match=r"data\.caption_objects=.*1, 2, 3"):
+        _dm(world, caption_objects=objects)
 
 
 @pytest.mark.parametrize("levels", [[0], [5], [1, 7], [], ["4"], [True]])

@@ -38,6 +38,7 @@ BATCHING_MODES = ("image", "caption")
 EPOCH_LENGTH = 20000
 #: the synthetic world's caption specificity levels (`lightning_clip.data.synthetic.LEVEL_ATTRIBUTES`)
 CAPTION_LEVELS = (1, 2, 3, 4)
+CAPTION_OBJECTS = (1, 2, 3)  # a caption describes 1..MAX_OBJECTS objects of its scene
 
 
 def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length: int,
@@ -93,9 +94,11 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[str], *, train: bool, batch_size: int, transform: ImageTransform,
                  tokenizer, max_length: int, on_bad: SkipPolicy, batching: str = "image",
                  shuffle_buffer: int = 1000, epoch_length: int = EPOCH_LENGTH, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, caption_levels: Optional[tuple[int, ...]] = None):
+                 world_size: int = 1, num_workers: int = 0, caption_levels: Optional[tuple[int, ...]] = None,
+                 caption_objects: Optional[tuple[int, ...]] = None):
         super().__init__()
         self.caption_levels = None if caption_levels is None else frozenset(caption_levels)
+        self.caption_objects = None if caption_objects is None else frozenset(caption_objects)
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.transform, self.tokenizer, self.max_length, self.on_bad = transform, tokenizer, max_length, on_bad
         self.batching, self.shuffle_buffer, self.epoch_length, self.seed = batching, shuffle_buffer, epoch_length, seed
@@ -130,13 +133,19 @@ class ShardStream(IterableDataset):
             yield from iter_records(shard, self.on_bad)
 
     def _allowed(self, r: Record) -> Optional[list[int]]:
-        """Indices of ``r``'s captions at ``caption_levels`` (None: no filter)."""
-        if self.caption_levels is None:
+        """Indices of ``r``'s captions at ``caption_levels`` describing ``caption_objects`` objects (None:
+        no filter)."""
+        if self.caption_levels is None and self.caption_objects is None:
             return None
         if not r.caption_info:
-            raise ValueError(f"data.caption_levels={sorted(self.caption_levels)} needs caption specificity "
-                             f"levels (synthetic data); sample {r.key!r} of {r.shard} has none")
-        return [k for k, c in enumerate(r.caption_info) if c["level"] in self.caption_levels]
+            option = (f"data.caption_levels={sorted(self.caption_levels)}" if self.caption_levels is not None
+                      else f"data.caption_objects={sorted(self.caption_objects)}")
+            raise ValueError(f"{option} needs caption specificity levels (synthetic data); sample {r.key!r} "
+                             f"of {r.shard} has none")
+        levels, objects = self.caption_levels, self.caption_objects
+        return [k for k, c in enumerate(r.caption_info)
+                if (levels is None or c["level"] in levels)
+                and (objects is None or len(c["constraints"]["objects"]) in objects)]
 
     def _train_items(self, rng: random.Random):
         import webdataset as wds
@@ -299,6 +308,10 @@ class ClipDataModule(LightningDataModule):
             captions at these levels (an image with none falls back to all of its captions); caption
             batching emits only the captions at these levels. Validation always sees every caption.
             Synthetic data only (real captions have no level).
+        caption_objects: how many objects a training caption may describe (1..3: "a red thing" describes
+            one, "a cross and a star" two); None = any. Combined with ``caption_levels`` (both must hold),
+            the same fallback rules. ``[1]`` with level 1 leaves the vaguest captions, which fit the most
+            images: the most false negatives per batch (the `duplicates` ablation). Synthetic data only.
     """
 
     def __init__(self, train_shards: str = "data/synthetic/train", val_shards: str = "data/synthetic/val",
@@ -309,7 +322,7 @@ class ClipDataModule(LightningDataModule):
                  strict: bool = False, mean: tuple[float, float, float] = CLIP_MEAN,
                  std: tuple[float, float, float] = CLIP_STD, augment: bool = False,
                  generate: Optional[dict[str, Any]] = None, seed: int = 0,
-                 caption_levels: Optional[list[int]] = None):
+                 caption_levels: Optional[list[int]] = None, caption_objects: Optional[list[int]] = None):
         super().__init__()
         if batching not in BATCHING_MODES:
             raise ValueError(f"data.batching={batching!r}; choices: {list(BATCHING_MODES)}")
@@ -320,6 +333,13 @@ class ClipDataModule(LightningDataModule):
                                  f"specificity levels from {list(CAPTION_LEVELS)} (or null for all); "
                                  f"invalid: {bad or 'empty list'}")
             caption_levels = sorted({int(v) for v in caption_levels})
+        if caption_objects is not None:
+            bad = [v for v in caption_objects if isinstance(v, bool) or v not in CAPTION_OBJECTS]
+            if bad or not len(caption_objects):
+                raise ValueError(f"data.caption_objects={list(caption_objects)!r}: give a non-empty list of "
+                                 f"object counts from {list(CAPTION_OBJECTS)} (or null for any); "
+                                 f"invalid: {bad or 'empty list'}")
+            caption_objects = sorted({int(v) for v in caption_objects})
         for name, v in (("batch_size", batch_size), ("epoch_length", epoch_length), ("max_length", max_length)):
             if v < 1:
                 raise ValueError(f"data.{name}={v} must be >= 1")
@@ -330,6 +350,7 @@ class ClipDataModule(LightningDataModule):
         self.epoch_length, self.shuffle_buffer, self.batching = epoch_length, shuffle_buffer, batching
         self.strict, self.mean, self.std, self.augment = strict, tuple(mean), tuple(std), augment
         self.generate, self.seed, self.caption_levels = generate, seed, caption_levels
+        self.caption_objects = caption_objects
         self._skips = SkipPolicy(strict)
         # Workers fork after the tokenizer may have run here; its Rust thread pool must stay off.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -391,7 +412,8 @@ class ClipDataModule(LightningDataModule):
                 expand_shards(self.train_shards, "train_shards"), train=True, batch_size=self.batch_size,
                 transform=ImageTransform(self.image_size, self.mean, self.std, augment=self.augment),
                 batching=self.batching, shuffle_buffer=self.shuffle_buffer, epoch_length=self.epoch_length,
-                seed=self.seed, caption_levels=self.caption_levels, **common)
+                seed=self.seed, caption_levels=self.caption_levels,
+                caption_objects=self.caption_objects, **common)
         if stage in (None, "fit", "validate", "test"):
             shards = expand_shards(self.val_shards, "val_shards")
             if len(shards) < world * max(1, self.num_workers):
