@@ -19,6 +19,7 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -41,9 +42,13 @@ class StepTimer(L.Callback):
         self.starts: list[float] = []
         self.ends: list[float] = []
 
-    @staticmethod
-    def _now() -> float:
-        if torch.cuda.is_available():
+    # asked once: on a CUDA build without a GPU each call probes NVML (~0.25 ms), which would be charged
+    # to the end-to-end step twice per step
+    _cuda = torch.cuda.is_available()
+
+    @classmethod
+    def _now(cls) -> float:
+        if cls._cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
@@ -53,13 +58,13 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, *args) -> None:
         self.ends.append(self._now())
 
-    def split(self, warmup: int, steps: int) -> tuple[float, float]:
-        """(wall time of `steps` full cycles after `warmup` steps, time of those inside the steps)."""
+    def split(self, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+        """Per step after `warmup` steps: (full cycle, end to end; the part inside the step)."""
         if len(self.ends) < warmup + steps:
             raise RuntimeError(f"only {len(self.ends)} steps ran; expected {warmup + steps}")
-        wall = self.ends[warmup + steps - 1] - self.ends[warmup - 1]
-        inside = sum(e - s for s, e in zip(self.starts[warmup:warmup + steps], self.ends[warmup:warmup + steps]))
-        return wall, inside
+        cycles = [self.ends[i] - self.ends[i - 1] for i in range(warmup, warmup + steps)]
+        inside = [e - s for s, e in zip(self.starts[warmup:warmup + steps], self.ends[warmup:warmup + steps])]
+        return cycles, inside
 
 
 def build(configs: list[str], max_steps: int, batch_size: int | None, run_dir: str):
@@ -77,9 +82,9 @@ def build(configs: list[str], max_steps: int, batch_size: int | None, run_dir: s
     return ClipCLI(ClipModule, ClipDataModule, args=args, run=False, save_config_kwargs={"overwrite": True})
 
 
-def tower_throughput(module, trainer, batch_size: int, image_size: int, length: int, vocab: int,
-                     steps: int, warmup: int) -> float:
-    """forward+backward+AdamW samples/s of the towers and heads alone on in-memory tensors."""
+def tower_steps(module, trainer, batch_size: int, image_size: int, length: int, vocab: int,
+               steps: int, warmup: int) -> list[float]:
+    """Seconds of each forward+backward+AdamW step of the towers and heads alone on in-memory tensors."""
     device = trainer.strategy.root_device
     module = module.to(device).train()
     g = torch.Generator().manual_seed(0)
@@ -103,10 +108,12 @@ def tower_throughput(module, trainer, batch_size: int, image_size: int, length: 
 
     for _ in range(warmup):
         step()
-    t0 = StepTimer._now()
+    times = []
     for _ in range(steps):
+        t0 = StepTimer._now()
         step()
-    return steps * batch_size / (StepTimer._now() - t0)
+        times.append(StepTimer._now() - t0)
+    return times
 
 
 def main() -> None:
@@ -137,29 +144,33 @@ def main() -> None:
               f"batch {bs}, {dm.num_workers} loader workers, max_length {dm.max_length}")
         shapes = dict(batch_size=bs, image_size=dm.image_size, length=dm.max_length, vocab=dm.vocab_size,
                       steps=a.steps, warmup=a.warmup)
-        towers = [tower_throughput(copy.deepcopy(model), trainer, **shapes)]
+        towers = tower_steps(copy.deepcopy(model), trainer, **shapes)
 
         timer = StepTimer()
         trainer.callbacks.append(timer)
         trainer.fit(model, datamodule=dm)
-        wall, inside = timer.split(a.warmup, a.steps)
-        towers.append(tower_throughput(copy.deepcopy(model), trainer, **shapes))
+        cycles, inside = timer.split(a.warmup, a.steps)
+        towers += tower_steps(copy.deepcopy(model), trainer, **shapes)
 
-    tower_sps = sum(towers) / len(towers)
-    e2e_sps = a.steps * bs / wall
-    tower_ms = 1000 * bs / tower_sps
-    step_ms, inside_ms = 1000 * wall / a.steps, 1000 * inside / a.steps
+    # Medians of per-step times: this 2-core machine is shared, and a neighbour's burst lands on whichever
+    # side happens to run then (means of identical tower runs differed by up to 10% here); the mean is
+    # printed too. Towers: the steps of both measurements, before and after the fit, pooled.
+    rows = [("towers: forward+backward+AdamW, in-memory tensors", towers),
+            ("end to end: Trainer.fit, ClipDataModule, logging, callbacks", cycles),
+            ("- inside steps (module, loss, backward, AdamW, log calls, callbacks)", inside),
+            ("- between steps (waiting for data, logger writes, loop)", [c - i for c, i in zip(cycles, inside)])]
     print()
-    print("| measurement | samples/s | ms/step |")
-    print("|---|---:|---:|")
-    print(f"| towers: forward+backward+AdamW, in-memory tensors (before {towers[0]:,.0f}, "
-          f"after {towers[-1]:,.0f}) | {tower_sps:,.0f} | {tower_ms:.1f} |")
-    print(f"| end to end: Trainer.fit, ClipDataModule, logging, callbacks | {e2e_sps:,.0f} | {step_ms:.1f} |")
-    print(f"| - inside steps (module, loss, backward, AdamW, log calls, callbacks) | | {inside_ms:.1f} |")
-    print(f"| - between steps (waiting for data, logger writes, loop) | | {step_ms - inside_ms:.1f} |")
+    print("| measurement | samples/s (median step) | ms/step median | ms/step mean |")
+    print("|---|---:|---:|---:|")
+    for i, (name, ts) in enumerate(rows):
+        med, mean = 1000 * statistics.median(ts), 1000 * statistics.fmean(ts)
+        sps = f"{1000 * bs / med:,.0f}" if i < 2 else ""
+        print(f"| {name} | {sps} | {med:.1f} | {mean:.1f} |")
     print()
-    print(f"overhead (module, loss, logging and data): {100 * (1 - tower_ms / step_ms):.1f}% of an end-to-end "
-          f"step ({step_ms - tower_ms:.1f} ms of {step_ms:.1f}); end to end = {e2e_sps / tower_sps:.2f}x the towers")
+    for stat, f in (("median", statistics.median), ("mean", statistics.fmean)):
+        t, e = 1000 * f(towers), 1000 * f(cycles)
+        print(f"overhead ({stat} steps; module, loss, logging and data): {100 * (1 - t / e):.1f}% of an end-to-end "
+              f"step ({e - t:.1f} ms of {e:.1f}); end to end = {t / e:.2f}x the towers")
 
 
 if __name__ == "__main__":

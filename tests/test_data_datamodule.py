@@ -46,10 +46,10 @@ def test_batch_follows_the_contract(world):
     assert torch.equal(b["input_ids"] == 0, b["attention_mask"] == 0)
     light = {"key", "caption", "image_id", "image_group", "text_group", "specificity", "num_objects"}
     # training batches carry no scene/constraint dicts (only validation reads them), only the oracle's matrix
-    assert set(b["meta"]) == light | {"relevance"}
+    assert set(b["meta"]) == light | {"relevance", "false_negative_share"}
     b = next(iter(dm.val_dataloader()))
     m = b["meta"]
-    assert set(m) == light | {"scene", "constraints", "relevance"}
+    assert set(m) == light | {"scene", "constraints", "relevance", "false_negative_share"}
     for name in ("image_id", "image_group", "text_group", "specificity", "num_objects"):
         assert m[name].shape == (8,) and m[name].dtype == torch.long
     assert all(1 <= s <= 4 for s in m["specificity"].tolist())

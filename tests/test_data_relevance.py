@@ -59,6 +59,8 @@ def test_relevance_orientation_on_a_hand_built_batch():
     # (caption 1) is not true of image 0
     assert rel.tolist() == [[True, False], [True, True]]
     assert "scene" not in batch["meta"] and "constraints" not in batch["meta"]
+    # one of the two off-diagonal pairs is relevant: the false-negative share the training loop logs
+    assert batch["meta"]["false_negative_share"].item() == pytest.approx(1 / 2)
 
 
 def test_real_data_gets_no_relevance():
@@ -67,7 +69,8 @@ def test_real_data_gets_no_relevance():
     x = torch.zeros(3, 8, 8)
     for items in ([(a, 0, x), (a, 0, x)], [(a, 0, x), (b, 0, x)]):  # all real, and mixed
         for gt in (True, False):
-            assert "relevance" not in collate(items, synthetic_tokenizer(), 8, ground_truth=gt)["meta"]
+            meta = collate(items, synthetic_tokenizer(), 8, ground_truth=gt)["meta"]
+            assert "relevance" not in meta and "false_negative_share" not in meta
 
 
 @pytest.mark.parametrize("batching", ["image", "caption"])
@@ -77,6 +80,8 @@ def test_training_and_validation_batches_carry_the_oracle_matrix(world, batching
     rel = b["meta"]["relevance"]
     assert rel.dtype == torch.bool and rel.shape == (8, 8) and rel.diagonal().all()
     assert "scene" not in b["meta"]
+    off = rel.sum() - rel.diagonal().sum()
+    assert b["meta"]["false_negative_share"].item() == pytest.approx(off.item() / (8 * 7))
     same_group = b["meta"]["image_group"][:, None] == b["meta"]["text_group"][None, :]
     assert rel[same_group].all()  # an identical scene satisfies the caption
     # against the brute-force oracle on validation batches, which keep the dicts

@@ -143,15 +143,15 @@ def test_false_negatives_are_a_running_mean_over_the_run():
     b = batch()
     m.training_step(b, 0)  # no relevance (real data): nothing to log
     assert "train/false_negatives" not in logged and "train/loss" in logged
-    rel = torch.eye(4, dtype=torch.bool)
-    rel[0, 1] = rel[2, 3] = rel[3, 2] = True  # 3 of the 12 off-diagonal pairs
-    b["meta"]["relevance"] = rel
+    # the loader's share of relevant off-diagonal pairs (tests/test_data_relevance.py checks it)
+    share = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    b["meta"]["false_negative_share"] = share(3 / 12)
     m.training_step(b, 1)
     assert logged["train/false_negatives"] == pytest.approx(3 / 12)
-    b["meta"]["relevance"] = torch.ones(4, 4, dtype=torch.bool)  # every pair
+    b["meta"]["false_negative_share"] = share(1.0)  # every pair
     m.training_step(b, 2)
     assert logged["train/false_negatives"] == pytest.approx((3 / 12 + 1.0) / 2)
-    b["meta"]["relevance"] = torch.eye(4, dtype=torch.bool)
+    b["meta"]["false_negative_share"] = share(0.0)
     m.training_step(b, 3)
     assert logged["train/false_negatives"] == pytest.approx((3 / 12 + 1.0 + 0.0) / 3)
     assert ClipModule(**TINY)._false_negative_batches == 0  # per module, not shared through the class
