@@ -1,4 +1,5 @@
-"""`python -m lightning_clip fit --config experiments/base.yaml [--config CELL.yaml] [--x.y=z]`.
+"""`python -m lightning_clip fit --config experiments/base.yaml [--config CELL.yaml] [--x.y=z]`, and
+`python -m lightning_clip eval --ckpt_path=RUN` (`lightning_clip.eval.cli`).
 
 A LightningCLI subclass that
 - links the tokenizer's vocabulary and the image size from the data module into the model,
@@ -11,6 +12,7 @@ A LightningCLI subclass that
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -64,7 +66,13 @@ class ClipCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def main(args=None) -> ClipCLI:
+def main(args=None):
+    # `eval` is ours, not a Trainer entry point: the evaluation suite on a finished run's checkpoint
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["eval"]:
+        from lightning_clip.eval.cli import eval_main
+
+        return eval_main(argv[1:])
     # Nothing in the defaults touches a hub (timm pretrained=False, BERT built from a config), so no
     # offline switch is forced here: a user who names a hub model gets it downloaded as usual.
     return ClipCLI(ClipModule, ClipDataModule, args=args, save_config_kwargs={"overwrite": True})

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_clip.losses import build_loss
@@ -129,6 +130,26 @@ class ClipModule(L.LightningModule):
         if "relevance" in self.loss.needs and "relevance" in meta:
             emb.relevance = meta["relevance"]
         return emb
+
+    # -- open_clip's interface ---------------------------------------------------------------------------
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """``[N, 3, H, W]`` images (normalised like the loader's) -> ``[N, embed_dim]`` float32 embeddings,
+        L2-normalised unless ``normalize=False``. open_clip's signature, so tools written for open_clip
+        models (CLIP_benchmark's evaluators) run on this module."""
+        pooled, _ = self.image_tower(images.to(self.device))
+        out = self.image_head(pooled).float()
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(self, tokens: Tensor, attention_mask: Optional[Tensor] = None, normalize: bool = True) -> Tensor:
+        """``[N, L]`` token ids -> ``[N, embed_dim]`` float32 embeddings, L2-normalised unless
+        ``normalize=False``. Without ``attention_mask`` every non-padding token is real (open_clip's
+        tokenizers return ids only)."""
+        tokens = tokens.to(self.device)
+        if attention_mask is None:
+            attention_mask = (tokens != self.hparams.pad_token_id).long()
+        pooled, _, _ = self.text_tower(tokens, attention_mask.to(self.device))
+        out = self.text_head(pooled).float()
+        return F.normalize(out, dim=-1) if normalize else out
 
     # -- steps ---------------------------------------------------------------------------------------------
     def _compute_loss(self, emb: Embeddings):

@@ -20,7 +20,7 @@ from lightning_clip.callbacks.variance import recall_at_1_by_bin, spearman
 from lightning_clip.data.synthetic import relevance_matrix, sample_caption, sample_scene
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.infonce import InfoNCELoss
-from lightning_clip.metrics import oracle_ceiling, retrieval_metrics
+from lightning_clip.eval.retrieval import oracle_ceiling, retrieval_metrics
 from lightning_clip.outputs import Embeddings, LossOutput
 
 

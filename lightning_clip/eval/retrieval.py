@@ -47,6 +47,21 @@ DEFAULT_KS = (1, 5, 10)
 DEFAULT_CHUNK = 1024
 
 
+def caption_ids(meta: dict, n: int) -> Tensor:
+    """One id per caption item: the data's own ``text_id`` when it has one, else a process-independent hash
+    of (sample key, caption text). Equal (image_id, caption id) pairs are one item (distributed padding)."""
+    if meta.get("text_id") is not None:
+        return torch.as_tensor(meta["text_id"], dtype=torch.long).reshape(n)
+    keys, captions = meta.get("key"), meta.get("caption")
+    if keys is None and captions is None:
+        raise KeyError("retrieval needs meta['text_id'], meta['key'] or meta['caption'] to tell caption items apart")
+    from lightning_clip.data.synthetic import stable_id  # the project's one cross-process string hash
+
+    keys = keys if keys is not None else [""] * n
+    captions = captions if captions is not None else [""] * n
+    return torch.tensor([stable_id(f"{k}\x1f{c}") for k, c in zip(keys, captions)], dtype=torch.long)
+
+
 def cosine_similarity(image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
                       text_ln_std: Optional[Tensor] = None) -> Tensor:
     """The default score (same as `ContrastiveLoss.similarity`); variance arguments are ignored."""
@@ -128,6 +143,15 @@ def oracle_ceiling(relevance: Tensor, image_ids: Tensor, text_image_ids: Tensor)
     top = accepted & (masked == masked.min(0, keepdim=True).values)           # [Nt, Ni] top-tied captions
     i2t = (own & top).sum(0).double() / top.sum(0).double().clamp_min(1)
     return {"t2i/R@1": t2i.mean().float(), "i2t/R@1": i2t.mean().float()}
+
+
+def recall_at_1_by_level(ranks: Tensor, levels: Tensor) -> dict[int, Tensor]:
+    """R@1 of the queries at each level (caption specificity 1..4 on the synthetic world); levels < 0
+    (unknown) are left out. Vague captions fit many images, so their plain R@1 is bounded by the oracle
+    ceiling; this shows where a model's recall is lost."""
+    hit = (ranks.reshape(-1) <= 1).float()
+    levels = levels.reshape(-1).to(hit.device)
+    return {int(v): hit[levels == v].mean() for v in torch.unique(levels) if int(v) >= 0}
 
 
 @dataclass
