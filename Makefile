@@ -16,19 +16,21 @@ QUICK    ?=
 JOBS     ?= 2
 
 ARGS     ?=
+RUN      ?=
+SPLIT    ?=
 CONFIG   ?= experiments/base.yaml
 
-.PHONY: help install data train smoke ablate convergence test test-slow tensorboard bench clean
+.PHONY: help install data train smoke eval ablate convergence test test-slow tensorboard bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: ABLATION=<name> SEEDS=<n> (3; 1 with QUICK) QUICK=1 ARGS='--trainer.max_steps=50' CONFIG=experiments/base.yaml"
 
-install: $(STAMP)  ## create .venv and install the package with its dev and bench extras (idempotent)
+install: $(STAMP)  ## create .venv and install the package with its dev, bench and eval extras (idempotent)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,eval]'
 	touch $@
 
 data: install  ## generate the default synthetic world into data/synthetic48 (skipped when present)
@@ -39,6 +41,10 @@ train: install  ## one training run: make train CONFIG=... ARGS='--model.loss=si
 
 smoke: install  ## a few steps of tiny everything (< 1 min)
 	$(PY) -m lightning_clip fit --config experiments/base.yaml --config experiments/smoke.yaml $(ARGS)
+
+eval: install  ## the evaluation suite on a run's checkpoint: make eval RUN=runs/losses/infonce/seed_0 [SPLIT=test]
+	@test -n "$(RUN)" || { echo 'make eval needs RUN=<run folder or checkpoint>'; exit 2; }
+	$(PY) -m lightning_clip eval --ckpt_path=$(RUN) $(if $(SPLIT),--split=$(SPLIT))
 
 ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1)
 	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS)
