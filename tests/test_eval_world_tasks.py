@@ -5,9 +5,11 @@ import random
 import re
 
 import pytest
+import torch
 
 from lightning_clip.data import synthetic
 from lightning_clip.eval.world_tasks import TASKS, label, labelled
+from lightning_clip.eval.zeroshot import evaluate_zero_shot
 
 
 def obj(shape="circle", color="red", size="small", position="center"):
@@ -23,34 +25,34 @@ def words(text: str) -> list[str]:
 
 
 def test_task_sizes():
-    sizes = {name: len(t.classnames) for name, t in TASKS.items()}
+    sizes = {name: len(t.label_names) for name, t in TASKS.items()}
     assert sizes == {"shape": 6, "color": 8, "color_shape": 48, "position": 9, "count": 3}
     for t in TASKS.values():
-        assert len(t.prompt_names) == len(t.classnames) and len(t.templates) >= 3
+        assert len(t.classnames) == len(t.label_names) and len(t.templates) >= 3
 
 
 def test_every_prompt_word_is_in_the_vocabulary():
     vocab = set(synthetic.vocabulary())
     for t in TASKS.values():
         for template in t.templates:
-            for name in t.prompt_names:
+            for name in t.classnames:
                 text = template.format(name)
                 assert set(words(text)) <= vocab, (t.name, text)
 
 
 def test_articles_follow_the_captions():
     color = TASKS["color"]
-    assert color.templates[0].format(color.prompt_names[color.classnames.index("orange")]) == "an orange thing"
-    assert color.templates[0].format(color.prompt_names[color.classnames.index("red")]) == "a red thing"
+    assert color.templates[0].format(color.classnames[color.label_names.index("orange")]) == "an orange thing"
+    assert color.templates[0].format(color.classnames[color.label_names.index("red")]) == "a red thing"
     cs = TASKS["color_shape"]
-    assert cs.prompt_names[cs.classnames.index("orange star")] == "an orange star"
-    assert TASKS["count"].prompt_names == ("a thing", "a thing and a thing", "a thing, a thing and a thing")
+    assert cs.classnames[cs.label_names.index("orange star")] == "an orange star"
+    assert TASKS["count"].classnames == ("a thing", "a thing and a thing", "a thing, a thing and a thing")
 
 
 def test_color_shape_prompts_are_captions_the_world_writes():
     # every one-object, colour + shape caption of an orange star is one of the class's prompts
     cs = TASKS["color_shape"]
-    prompts = {t.format(cs.prompt_names[cs.classnames.index("orange star")]) for t in cs.templates}
+    prompts = {t.format(cs.classnames[cs.label_names.index("orange star")]) for t in cs.templates}
     rng = random.Random(0)
     seen = set()
     for _ in range(600):
@@ -67,8 +69,8 @@ def test_count_prompts_join_like_the_captions():
     rng = random.Random(1)
     texts = {synthetic.sample_caption(s, rng)["text"] for _ in range(400)}
     assert any(three.match(t) for t in texts)
-    assert three.match(TASKS["count"].prompt_names[2])
-    assert not any(three.match(t) for t in TASKS["count"].prompt_names[:2])
+    assert three.match(TASKS["count"].classnames[2])
+    assert not any(three.match(t) for t in TASKS["count"].classnames[:2])
 
 
 def test_labels_on_hand_built_scenes():
@@ -76,14 +78,14 @@ def test_labels_on_hand_built_scenes():
     assert label("shape", one) == synthetic.SHAPES.index("star") == 5
     assert label("color", one) == tuple(synthetic.COLORS).index("orange") == 1
     assert label("color_shape", one) == 1 * 6 + 5
-    assert TASKS["color_shape"].classnames[label("color_shape", one)] == "orange star"
+    assert TASKS["color_shape"].label_names[label("color_shape", one)] == "orange star"
     assert label("position", one) == 2
     assert label("count", one) == 0
 
     same = scene(obj("square", "blue", position="top left"), obj("square", "blue", "large", "center"))
     assert label("shape", same) == 1
     assert label("color", same) == 5
-    assert TASKS["color_shape"].classnames[label("color_shape", same)] == "blue square"
+    assert TASKS["color_shape"].label_names[label("color_shape", same)] == "blue square"
     assert label("count", same) == 1
 
 
@@ -113,3 +115,19 @@ def test_bad_inputs():
         label("size", scene(obj()))
     with pytest.raises(ValueError, match="ground truth"):
         label("shape", None)
+
+
+def test_tasks_plug_into_zero_shot():
+    # a bag-of-words text encoder and images embedded as the words of their label: every task with
+    # attribute words classifies perfectly, so classnames and templates fit evaluate_zero_shot's call
+    vocab = synthetic.vocabulary()
+
+    def bag(texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[words(t).count(w) for w in vocab] for t in texts], dtype=torch.float32)
+
+    for name in ("shape", "color", "color_shape", "position"):
+        task = TASKS[name]
+        images = bag(task.label_names)
+        out = evaluate_zero_shot(images, torch.arange(len(task.label_names)), bag, task.classnames, task.templates)
+        assert out["top1"] == 1.0, name
+        assert all(out[f"template/{i}/top1"] == 1.0 for i in range(len(task.templates))), name

@@ -7,9 +7,10 @@ square has no single colour. Prompts use only words of the world's vocabulary
 captions' grammar: the same sentence frames (``_SENTENCES``), "an" before a vowel, objects joined as
 "a thing, a thing and a thing".
 
-Each task has ``classnames`` (for reports) and ``prompt_names``, the phrases filled into the templates
-(``template.format(prompt_names[c])``, the call of `lightning_clip.eval.zeroshot`): they differ where the
-article belongs to the class ("an orange thing" but "a red thing"), which a template cannot choose.
+Each task has ``classnames``, the phrases filled into its templates (``template.format(classnames[c])``,
+as `lightning_clip.eval.zeroshot` calls them; CLIP_benchmark's templates spell the slot ``{c}``, so
+pass it ``t.replace("{}", "{c}")``), and ``label_names``, plain names for reports. They differ where the article belongs to the class ("an orange thing" but "a red thing", which
+no template can choose) and for count, whose class phrases are the conjunctions themselves.
 
 A caveat on ``count``: a caption may describe only some of the objects of its image, so "a thing" is
 true of every image; only the conjunctions carry count information. Expect zero-shot count accuracy
@@ -35,8 +36,8 @@ def _with_article(phrase: str) -> str:
 @dataclass(frozen=True)
 class Task:
     name: str
-    classnames: tuple[str, ...]
-    prompt_names: tuple[str, ...]
+    label_names: tuple[str, ...]  # readable: "orange", "orange star", "top left", "2"
+    classnames: tuple[str, ...]   # filled into the templates: "an orange", "an orange star", "a thing and a thing"
     templates: tuple[str, ...]
     label_fn: Callable[[list[dict]], Optional[int]]  # the scene's objects -> class index or None
 
