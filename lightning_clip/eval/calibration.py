@@ -28,7 +28,8 @@ def recall_at_1_by_bin(values: Tensor, ranks: Tensor, bins: int = 10) -> dict[in
     position p with ``p * bins // n == b - 1``. Ties keep input order (stable sort). Bins left empty
     (fewer items than bins) are left out."""
     if values.shape != ranks.shape or values.dim() != 1:
-        raise ValueError(f"expected two 1-d tensors of the same length, got {tuple(values.shape)} and {tuple(ranks.shape)}")
+        raise ValueError(f"expected two 1-d tensors of the same length, got {tuple(values.shape)} and "
+                         f"{tuple(ranks.shape)}")
     order = torch.argsort(values, stable=True)
     bin_of = torch.empty_like(order)
     bin_of[order] = torch.arange(values.numel(), device=values.device) * bins // max(values.numel(), 1)

@@ -9,8 +9,9 @@ captions' grammar: the same sentence frames (``_SENTENCES``), "an" before a vowe
 
 Each task has ``classnames``, the phrases filled into its templates (``template.format(classnames[c])``,
 as `lightning_clip.eval.zeroshot` calls them; CLIP_benchmark's templates spell the slot ``{c}``, so
-pass it ``t.replace("{}", "{c}")``), and ``label_names``, plain names for reports. They differ where the article belongs to the class ("an orange thing" but "a red thing", which
-no template can choose) and for count, whose class phrases are the conjunctions themselves.
+pass it ``t.replace("{}", "{c}")``), and ``label_names``, plain names for reports. They differ where
+the article belongs to the class ("an orange thing" but "a red thing", which no template can choose) and
+for count, whose class phrases are the conjunctions themselves.
 
 A caveat on ``count``: a caption may describe only some of the objects of its image, so "a thing" is
 true of every image; only the conjunctions carry count information. Expect zero-shot count accuracy

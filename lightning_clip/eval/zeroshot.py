@@ -54,7 +54,8 @@ def accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:
     ``torch.argmax`` does); ``mean_per_class``: balanced accuracy, the mean over the classes present in
     ``labels`` of the share of that class's rows predicted correctly."""
     if logits.dim() != 2 or labels.shape != (logits.shape[0],) or labels.numel() == 0:
-        raise ValueError(f"expected [N, C] logits and N labels (N > 0), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"expected [N, C] logits and N labels (N > 0), got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
     labels = labels.to(logits.device).long()
     correct = (logits.argmax(1) == labels).double()
     present, inverse = torch.unique(labels, return_inverse=True)
