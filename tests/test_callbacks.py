@@ -16,7 +16,7 @@ from torch import nn
 from lightning_clip.callbacks import (ResultsCallback, RetrievalCallback, TemperatureCallback, VarianceCallback,
                                       default_callbacks)
 from lightning_clip.callbacks.results import flatten_hparams
-from lightning_clip.callbacks.variance import recall_at_1_by_bin, spearman
+from lightning_clip.eval.calibration import recall_at_1_by_bin, spearman
 from lightning_clip.data.synthetic import relevance_matrix, sample_caption, sample_scene
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.infonce import InfoNCELoss

@@ -103,7 +103,7 @@ def test_open_clip_interface_gives_unit_vectors_and_derives_the_mask(run):
     assert torch.allclose(txt, torch.nn.functional.normalize(emb.text, dim=-1), atol=1e-5)
 
 
-def test_clip_benchmark_zero_shot_agrees_with_ours(run):
+def test_clip_benchmark_zero_shot_agrees_with_ours(run, monkeypatch):
     zsc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification",
                               reason="clip-benchmark is in the `eval` extra (make install adds it)")
     from lightning_clip.eval.embed import embed_split
@@ -122,7 +122,16 @@ def test_clip_benchmark_zero_shot_agrees_with_ours(run):
     assert len(keep) >= 4
     xs = torch.stack([images[int(split.image_ids[k])] for k in keep])
     ys = torch.tensor([labels[k] for k in keep])
-    loader = torch.utils.data.DataLoader(list(zip(xs, ys)), batch_size=5)
+    class Labelled(torch.utils.data.Dataset):  # CLIP_benchmark reads `dataset.classes`
+        classes = list(task.classnames)
+
+        def __len__(self):
+            return len(ys)
+
+        def __getitem__(self, i):
+            return xs[i], ys[i]
+
+    loader = torch.utils.data.DataLoader(Labelled(), batch_size=5)
 
     def tokenizer(texts):
         return dm.tokenizer(texts, padding="max_length", truncation=True, max_length=dm.max_length,
@@ -132,9 +141,19 @@ def test_clip_benchmark_zero_shot_agrees_with_ours(run):
         with torch.no_grad():
             return module.encode_text(tokenizer(prompts))
 
+    def topk_accuracy(output, target, topk=(1,)):
+        # clip-benchmark 1.6's own `accuracy` calls float() on a 1-element array, which numpy 2.x refuses;
+        # the same formula, read with .item()
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+    monkeypatch.setattr(zsc, "accuracy", topk_accuracy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = zsc.evaluate(module, loader, tokenizer, task.classnames, task.templates, "cpu", amp=False)
+        # CLIP_benchmark names the template slot {c}
+        theirs = zsc.evaluate(module, loader, tokenizer, task.classnames, [t.replace("{}", "{c}") for t in task.templates],
+                              "cpu", amp=False)
     ours = evaluate_zero_shot(split.image_unit[keep], ys, embed_text, task.classnames, task.templates)
     assert theirs["acc1"] == pytest.approx(ours["top1"], abs=1e-6)
     assert theirs["mean_per_class_recall"] == pytest.approx(ours["mean_per_class"], abs=1e-6)

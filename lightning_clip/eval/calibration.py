@@ -1,5 +1,7 @@
 """Calibration of per-sample predicted variance: does a larger predicted log-std go with worse retrieval?
 
+- `spearman`: rank correlation of the predicted log-std with a ground-truth attribute (caption
+  specificity, object count), unknowns marked -1 left out.
 - `recall_at_1_by_bin`: R@1 of the queries in each equal-count bin of the predicted uncertainty.
 - `sparsification_curve` / `oracle_curve` / `ause`: the sparsification protocol of Ilg et al.,
   "Uncertainty Estimates and Multi-Hypotheses Networks for Optical Flow", ECCV 2018 (Sec. 5): remove the
@@ -20,6 +22,18 @@ import torch
 from torch import Tensor
 
 DEFAULT_FRACTIONS = tuple(k / 10 for k in range(10))  # 0, 0.1, ..., 0.9: never remove every query
+
+
+def spearman(x: Tensor, y: Tensor) -> Optional[Tensor]:
+    """Spearman's rho over the pairs where ``y >= 0`` (-1 marks unknown); None when undefined (fewer than
+    two pairs, or one side constant)."""
+    from torchmetrics.functional import spearman_corrcoef
+
+    keep = y >= 0
+    x, y = x[keep].float(), y[keep].float()
+    if x.numel() < 2 or bool((x == x[0]).all()) or bool((y == y[0]).all()):
+        return None
+    return spearman_corrcoef(x, y)
 
 
 def recall_at_1_by_bin(values: Tensor, ranks: Tensor, bins: int = 10) -> dict[int, float]:

@@ -54,8 +54,10 @@ def geometry_metrics(split: EmbeddedSplit) -> dict[str, float]:
             "uniformity_image": geometry.uniformity(img), "uniformity_text": geometry.uniformity(txt),
             "modality_gap": geometry.modality_gap(img, txt),
             "effective_rank_image": geometry.effective_rank(img), "effective_rank_text": geometry.effective_rank(txt),
-            "low_variance_share_image": geometry.low_variance_share(img),
-            "low_variance_share_text": geometry.low_variance_share(txt)}
+            # under 1% of an even spread's share (1/D each): the literal "1% of the variance" would count
+            # every direction of a healthy 128-d embedding (0.78% each) as collapsed
+            "low_variance_share_image": geometry.low_variance_share(img, 0.01 / img.shape[1]),
+            "low_variance_share_text": geometry.low_variance_share(txt, 0.01 / txt.shape[1])}
 
 def calibration_metrics(ln_std: Tensor, ranks: Tensor) -> dict[str, float]:
     """Does a larger predicted variance go with worse retrieval? R@1 per log-std decile (1 = most certain),
@@ -99,7 +101,7 @@ def evaluate_split(split: EmbeddedSplit, *, dataset: str, model: str = "", pretr
             feats, scenes = probe_train
             train_labels = [world_tasks.label(task, s) if s is not None else None for s in scenes]
             tkeep = torch.tensor([v is not None for v in train_labels])
-            if int(tkeep.sum()) >= 2:
+            if len(set(train_labels) - {None}) >= 2:  # a probe needs two classes to separate
                 ty = torch.tensor([v for v in train_labels if v is not None])
                 lp = probe.linear_probe(feats[tkeep], ty, image[keep], y)
                 records.append(rec(f"{dataset}/{task}", "linear_probe", {**lp, "n_train": int(tkeep.sum())}))
