@@ -312,3 +312,78 @@ def test_filip_builds_local_heads():
 def test_bad_options_name_the_option(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_loss(name, **kwargs)
+
+
+# -- filip retrieval: token-wise, each direction by its own score -------------------------------------------
+def _filip_world(n_images=6, caps=3, regions=4, words=5, dim=8, seed=0):
+    from _loss_helpers import word_mask_for
+
+    g = torch.Generator().manual_seed(seed)
+    reg = torch.randn(n_images, regions, dim, generator=g).repeat_interleave(caps, 0)
+    wrd = reg[:, :words - 1].repeat(1, 2, 1)[:, :words] + 1.5 * torch.randn(n_images * caps, words, dim, generator=g)
+    mask = word_mask_for(n_images * caps, words, g)
+    return reg, wrd, mask
+
+
+def test_filip_similarity_is_token_wise_per_direction():
+    from lightning_clip.losses.filip import pack_tokens
+
+    module = build_loss("filip")
+    reg, wrd, mask = _filip_world()
+    x, y = F.normalize(reg, dim=-1), F.normalize(wrd, dim=-1)
+    ones = torch.ones(reg.shape[:2], dtype=torch.bool)
+    s_img, s_txt = token_similarity(x, ones, y, mask)
+    emb = Embeddings(image=torch.randn(18, 8), text=torch.randn(18, 8), regions=reg, words=wrd, word_mask=mask)
+    pi, pt = module.retrieval_inputs(emb)
+    assert pi.shape == (18, 4, 9) and pt.shape == (18, 5, 9)
+    assert torch.allclose(module.similarity(pi, pt, direction="i2t"), s_img, atol=1e-6)
+    assert torch.allclose(module.similarity(pi, pt, direction="t2i"), s_txt, atol=1e-6)
+    assert torch.allclose(module.similarity(pi, pt), (s_img + s_txt) / 2, atol=1e-6)
+    # blocks: a tiny block size gives the same matrix
+    import lightning_clip.losses.filip as filip_mod
+    old, filip_mod._BLOCK = filip_mod._BLOCK, 1
+    try:
+        assert torch.allclose(module.similarity(pi, pt, direction="t2i"), s_txt, atol=1e-6)
+    finally:
+        filip_mod._BLOCK = old
+    # pooled features (nothing token-wise kept): cosine
+    assert torch.allclose(module.similarity(emb.image, emb.text), unit(emb)[0] @ unit(emb)[1].T, atol=1e-6)
+    # padding: garbage in padded words changes no score
+    assert torch.equal(pack_tokens(wrd.masked_fill(~mask[..., None], 1e3), mask), pt)
+
+
+def test_filip_validation_ranks_by_token_wise_scores():
+    from test_callbacks import FakeModule, fake_trainer, meta_of, world
+
+    from lightning_clip.callbacks import RetrievalCallback
+    from lightning_clip.metrics import rank_summary, retrieval_ranks
+
+    items, image, text = world()
+    reg, wrd, mask = _filip_world()
+    module = FakeModule(build_loss("filip"))
+    cb = RetrievalCallback()
+    trainer = fake_trainer([cb])
+    cb.on_validation_epoch_start(trainer, module)
+    for start in range(0, 18, 5):
+        s = slice(start, start + 5)
+        emb = Embeddings(image=image[s], text=text[s], regions=reg[s], words=wrd[s], word_mask=mask[s])
+        cb.on_validation_batch_end(trainer, module, {"emb": emb, "meta": meta_of(items[s])}, None, 0)
+    cb.on_validation_epoch_end(trainer, module)
+    # expected: deduplicated images (every third item) against the 18 captions, i2t by s^I, t2i by s^T
+    s_img, s_txt = token_similarity(F.normalize(reg[::3], dim=-1), torch.ones(6, 4, dtype=torch.bool),
+                                    F.normalize(wrd, dim=-1), mask)
+    image_ids = torch.arange(6)
+    text_image = torch.arange(18) // 3
+    i2t = retrieval_ranks(s_img, image_ids[:, None] == text_image[None, :])
+    t2i = retrieval_ranks(s_txt.T, text_image[:, None] == image_ids[None, :])
+    res = cb.result(trainer, module)
+    # the metric keeps captions in its own order (by caption id): map them back to the items
+    from lightning_clip.callbacks.retrieval import caption_ids
+
+    item_of = {int(t): k for k, t in enumerate(caption_ids(meta_of(items), 18))}
+    order = torch.tensor([item_of[int(t)] for t in res.text_ids])
+    assert torch.equal(res.i2t_ranks, i2t) and torch.equal(res.t2i_ranks, t2i[order])
+    assert module.logged["val/t2i/R@1"] == pytest.approx(float(rank_summary(t2i, (1,))["R@1"]))
+    # and the pooled cosine would have ranked differently (the test is not vacuous)
+    cos = F.normalize(image[::3], dim=-1) @ F.normalize(text, dim=-1).T
+    assert not torch.equal(retrieval_ranks(cos.T, text_image[:, None] == image_ids[None, :]), t2i)

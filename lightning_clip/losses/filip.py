@@ -17,10 +17,12 @@ Distributed: rows decompose (each CE row is one item against every item): a rank
 against every caption's (gathered, padded) words for s^I, and every image's regions against its captions
 for s^T. Not tiled (the tiled kernels are for dot-product logits of pooled features).
 
-Retrieval (`similarity`) is NOT token-wise: the retrieval metric keeps only the pooled [N, D] features, so
-validation ranks FILIP by the cosine of the pooled image/text features (the base class' default), which
-the FILIP loss does not train. Ranking by s^I / s^T needs the metric to keep every item's regions and
-words (padded to one length across batches); `token_similarity` computes the two matrices for that.
+Retrieval uses the same token-wise scores: `retrieval_inputs` makes validation keep every item's tokens
+(``[N, K, 1 + D]``: a real-token flag, then the L2-normalised token) instead of the pooled features, and
+`similarity` ranks captions for an image query by s^I and images for a caption query by s^T (the metric
+passes ``direction``). Validation batches must share one caption length (the data module pads to
+``data.max_length``), or the kept tokens cannot be concatenated. Cost: the token products of every
+(image, caption) pair of the validation set, in blocks of at most 2^22 products (16 MiB in float32).
 """
 from __future__ import annotations
 
@@ -46,6 +48,22 @@ def _masks(image_tokens, image_mask, text_tokens, text_mask):
     ones = lambda t: torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)  # noqa: E731
     return (ones(image_tokens) if image_mask is None else image_mask,
             ones(text_tokens) if text_mask is None else text_mask)
+
+
+def pack_tokens(tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``[N, K, 1 + D]``: channel 0 is the real-token flag (1.0 / 0.0), then the L2-normalised token (0 on
+    padding). One tensor per item side, so the retrieval metric can keep and gather it like an embedding."""
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    tokens = normalize(tokens.float()).masked_fill(~mask[..., None], 0.0)
+    return torch.cat([mask[..., None].to(tokens.dtype), tokens], dim=-1)
+
+
+def unpack_tokens(packed: Tensor) -> tuple[Tensor, Tensor]:
+    return packed[..., 1:], packed[..., 0] > 0.5
+
+
+_BLOCK = 1 << 22  # token products per block of the retrieval scores
 
 
 def _masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
@@ -104,12 +122,41 @@ def filip(image_tokens: Tensor, image_mask: Optional[Tensor], text_tokens: Tenso
 @register_loss("filip")
 class FILIPLoss(ContrastiveLoss):
     """Logs ``i2t`` and ``t2i``. Temperature as InfoNCE (init 1/0.07, learned). Needs the region and word
-    heads; the pooled features are only validated (they are what retrieval ranks, see the module doc)."""
+    heads; the pooled features are only validated. Retrieval ranks by the token-wise scores (module doc)."""
 
     needs = frozenset({"regions", "words"})
 
     def __init__(self, init_scale: float = 1 / 0.07, learn_scale: bool = True):
         super().__init__(init_scale=init_scale, learn_scale=learn_scale)
+
+    def retrieval_inputs(self, emb: Embeddings) -> tuple[Tensor, Tensor]:
+        """Tokens (`pack_tokens`) for validation to keep; the pooled features when there are none."""
+        if emb.regions is None or emb.words is None:
+            return emb.image, emb.text
+        return pack_tokens(emb.regions, emb.region_mask), pack_tokens(emb.words, emb.word_mask)
+
+    @torch.no_grad()
+    def similarity(self, image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
+                   text_ln_std: Optional[Tensor] = None, direction: Optional[str] = None) -> Tensor:
+        """[N_image, N_text]: s^I for ``direction="i2t"``, s^T for ``"t2i"``, their mean for None, from
+        packed tokens ``[N, K, 1 + D]``; pooled ``[N, D]`` features fall back to their cosine."""
+        if image.dim() == 2 and text.dim() == 2:
+            return super().similarity(image, text)
+        if direction not in (None, "i2t", "t2i"):
+            raise ValueError(f"filip: direction must be 'i2t', 't2i' or None, got {direction!r}")
+        (x, xm), (y, ym) = unpack_tokens(image.float()), unpack_tokens(text.float())
+        which = {"i2t": "image", "t2i": "text", None: "both"}[direction]
+        out = x.new_empty(x.shape[0], y.shape[0])
+        per_pair = x.shape[1] * y.shape[1]
+        rows = max(1, min(x.shape[0], 64))
+        cols = max(1, _BLOCK // (rows * per_pair))
+        for i in range(0, x.shape[0], rows):
+            for j in range(0, y.shape[0], cols):
+                s_image, s_text = token_similarity(x[i:i + rows], xm[i:i + rows], y[j:j + cols], ym[j:j + cols],
+                                                   which)
+                block = s_image if which == "image" else s_text if which == "text" else (s_image + s_text) / 2
+                out[i:i + rows, j:j + cols] = block
+        return out
 
     def forward(self, emb: Embeddings) -> LossOutput:
         if emb.regions is None or emb.words is None:
