@@ -4,8 +4,9 @@ semantic recall@k on the synthetic world.
 Reads what `ClipModule.validation_step` returns: ``{"emb": Embeddings, "meta": batch["meta"]}``. Every
 rank's embeddings are gathered by `RetrievalMetric` (torchmetrics list states), so the values are global
 and logged with ``sync_dist=False``. Ranking uses ``pl_module.loss.similarity``: cosine for most families,
-the family's own likelihood score for those that override it (probabilistic), so each family is ranked by
-the match it was trained for.
+the family's own likelihood score for those that override it (probabilistic, pcmepp), or token-wise scores
+on the per-item tensors the family asks to keep (``loss.retrieval_inputs``: filip's tokens), so each family
+is ranked by the match it was trained for.
 
 Semantic relevance needs each image's scene and each caption's constraints (synthetic data only): they are
 collected per id here, gathered across ranks as python objects, and turned into a relevance matrix by
@@ -87,7 +88,10 @@ class RetrievalCallback(L.Callback):
         text_id = caption_ids(meta, n).to(device)
         extras = {f"image_{e}": _as_long(meta[e], n, device) for e in IMAGE_EXTRAS if meta.get(e) is not None}
         extras.update({f"text_{e}": _as_long(meta[e], n, device) for e in TEXT_EXTRAS if meta.get(e) is not None})
-        self.metric.update(emb.image, emb.text, image_id, text_id, image_ln_std=emb.image_ln_std,
+        # what the loss family ranks by: the pooled embeddings, or its own per-item inputs (filip's tokens)
+        loss = getattr(pl_module, "loss", None)
+        image, text = loss.retrieval_inputs(emb) if hasattr(loss, "retrieval_inputs") else (emb.image, emb.text)
+        self.metric.update(image, text, image_id, text_id, image_ln_std=emb.image_ln_std,
                            text_ln_std=emb.text_ln_std, **extras)
         scenes, constraints = meta.get("scene"), meta.get("constraints")
         for i in range(n):

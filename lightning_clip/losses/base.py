@@ -67,6 +67,11 @@ class ContrastiveLoss(nn.Module):
         return out
 
     # -- retrieval -----------------------------------------------------------------------------------
+    def retrieval_inputs(self, emb: Embeddings) -> tuple[Tensor, Tensor]:
+        """The per-item ``(image, text)`` tensors validation keeps for `similarity` (one row per item, any
+        trailing shape): the pooled embeddings by default; filip keeps its tokens."""
+        return emb.image, emb.text
+
     def similarity(self, image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
                    text_ln_std: Optional[Tensor] = None) -> Tensor:
         """Score matrix [N_image, N_text] used to rank at validation. Cosine similarity by default;
