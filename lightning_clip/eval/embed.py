@@ -36,6 +36,10 @@ class EmbeddedSplit:
     scenes: Optional[list[dict]] = None          # per image (synthetic world)
     constraints: Optional[list[dict]] = None     # per caption (synthetic world)
     specificity: Optional[Tensor] = None         # per caption, 1..4 (synthetic world), -1 unknown
+    #: what the family ranks by when it is not the pooled embedding (``loss.retrieval_inputs``: filip's
+    #: tokens), one row per image / caption; None means ``image`` / ``text``
+    image_rank: Optional[Tensor] = None
+    text_rank: Optional[Tensor] = None
 
     @property
     def image_unit(self) -> Tensor:
@@ -74,7 +78,9 @@ def embed_split(module, loader: Iterable[dict], max_batches: Optional[int] = Non
     was_training = module.training
     module.eval()
     parts: dict[str, list] = {k: [] for k in ("image", "text", "image_ln_std", "text_ln_std", "image_id",
-                                              "text_id", "specificity", "scene", "constraints")}
+                                              "text_id", "specificity", "scene", "constraints", "image_rank",
+                                              "text_rank")}
+    loss = getattr(module, "loss", None)
     try:
         for batch in islice(loader, max_batches):
             emb = module(_to(batch, module.device))
@@ -84,6 +90,11 @@ def embed_split(module, loader: Iterable[dict], max_batches: Optional[int] = Non
                 raise KeyError("evaluation needs meta['image_id'] to group the captions of one image")
             parts["image"].append(emb.image.float().cpu())
             parts["text"].append(emb.text.float().cpu())
+            if hasattr(loss, "retrieval_inputs"):
+                image_rank, text_rank = loss.retrieval_inputs(emb)
+                if image_rank is not emb.image or text_rank is not emb.text:
+                    parts["image_rank"].append(image_rank.float().cpu())
+                    parts["text_rank"].append(text_rank.float().cpu())
             for k in ("image_ln_std", "text_ln_std"):
                 if getattr(emb, k) is not None:
                     parts[k].append(getattr(emb, k).float().cpu())
@@ -109,7 +120,9 @@ def embed_split(module, loader: Iterable[dict], max_batches: Optional[int] = Non
         text_ln_std=cat["text_ln_std"][txt_rows] if "text_ln_std" in cat else None,
         scenes=scenes if all(s is not None for s in scenes) else None,
         constraints=constraints if all(c is not None for c in constraints) else None,
-        specificity=cat["specificity"][txt_rows] if "specificity" in cat else None)
+        specificity=cat["specificity"][txt_rows] if "specificity" in cat else None,
+        image_rank=cat["image_rank"][img_rows] if "image_rank" in cat else None,
+        text_rank=cat["text_rank"][txt_rows] if "text_rank" in cat else None)
 
 
 def _to(batch: Any, device) -> Any:

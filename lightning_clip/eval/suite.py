@@ -28,8 +28,10 @@ TextEmbedFn = Callable[[list[str]], Tensor]
 def retrieval_record_metrics(split: EmbeddedSplit, similarity=None) -> tuple[dict[str, float], Tensor, Tensor]:
     """Retrieval metrics (CLIP_benchmark's names and ours) and the i2t / t2i ranks."""
     relevance = split.relevance()
+    image = split.image if split.image_rank is None else split.image_rank
+    text = split.text if split.text_rank is None else split.text_rank
     metrics, i2t_ranks, t2i_ranks = retrieval_metrics(
-        split.image, split.text, split.image_ids, split.text_image_ids, similarity=similarity,
+        image, text, split.image_ids, split.text_image_ids, similarity=similarity,
         image_ln_std=split.image_ln_std, text_ln_std=split.text_ln_std, relevance=relevance)
     out = {}
     for k in (1, 5, 10):  # CLIP_benchmark's names: image retrieval = text queries, text retrieval = image queries
