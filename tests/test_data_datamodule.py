@@ -275,3 +275,39 @@ def test_prefetch_thread_stops_mid_epoch_and_reraises_loader_errors():
     endless.close()  # returns although the source never ends
     assert not endless._thread.is_alive()
     assert list(_ThreadedIterator(iter(range(5)))) == [0, 1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------ no endless spin
+def test_training_stream_with_no_sample_fails_naming_the_shards(tmp_path, tok):
+    # one empty shard and one whose every sample is bad: a full pass yields nothing
+    d = tmp_path / "barren"
+    d.mkdir()
+    _write(d / "e-000000.tar", {})
+    _write(d / "e-000001.tar", {"k0": BAD["undecodable"][0], "k1": BAD["nocaption"][0]})
+    from lightning_clip.data.datamodule import EmptyStreamError
+
+    dm = ClipDataModule(str(d), str(d), batch_size=2, num_workers=0, epoch_length=4, tokenizer=tok)
+    dm.setup("fit")
+    with pytest.warns(DataWarning), pytest.raises(EmptyStreamError,
+                                                  match=r"data.train_shards.*2 shard.*e-000000.tar.*e-000001.tar"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_prefetch_thread_wait_ends_when_the_trainer_got_sigterm():
+    import threading
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from lightning_clip.data.datamodule import _ThreadedIterator
+
+    never = threading.Event()
+
+    def stuck():  # a loader that never delivers a batch
+        never.wait()
+        yield 1
+
+    flag = {"sigterm": False}
+    it = _ThreadedIterator(stuck(), stop_requested=lambda: flag["sigterm"])
+    flag["sigterm"] = True
+    with pytest.raises(SIGTERMException):
+        next(it)
+    never.set()

@@ -41,6 +41,17 @@ CAPTION_LEVELS = (1, 2, 3, 4)
 CAPTION_OBJECTS = (1, 2, 3)  # a caption describes 1..MAX_OBJECTS objects of its scene
 
 
+class EmptyStreamError(RuntimeError):
+    """A full pass over the shards yielded no sample (every shard empty, or every sample skipped)."""
+
+
+def _no_sample_message(shards: list[str], option: str) -> str:
+    names = ", ".join(shards[:5]) + (f" and {len(shards) - 5} more" if len(shards) > 5 else "")
+    return (f"{option}: a full pass over its {len(shards)} shard(s) ({names}) yielded no sample: every shard "
+            "is empty or every sample in it was skipped as bad (see the DataWarnings above, or rerun with "
+            "data.strict=true to stop at the first); point the option at valid shards")
+
+
 def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length: int,
             ground_truth: bool = True) -> dict:
     """(record, caption index, image tensor) items -> the batch dict of CONTRACTS.md.
@@ -153,15 +164,29 @@ class ShardStream(IterableDataset):
                 if (levels is None or c["level"] in levels)
                 and (objects is None or len(c["constraints"]["objects"]) in objects)]
 
+    def _resampled_records(self, rng: random.Random) -> Iterator[Record]:
+        """Records of shards drawn with replacement, forever; raises `EmptyStreamError` once every shard
+        has been read since the last record without yielding one (all empty, or every sample bad), which
+        would otherwise spin at 100% CPU with zero steps."""
+        barren: set[str] = set()  # shards read since the last record that gave none
+        while True:
+            shard = self.shards[rng.randrange(len(self.shards))]
+            found = False
+            for r in iter_records(shard, self.on_bad):
+                found = True
+                yield r
+            if found:
+                barren.clear()
+                continue
+            barren.add(shard)
+            if len(barren) == len(set(self.shards)):
+                raise EmptyStreamError(_no_sample_message(self.shards, "data.train_shards"))
+
     def _train_items(self, rng: random.Random):
         import webdataset as wds
 
-        def resampled():
-            while True:
-                yield self.shards[rng.randrange(len(self.shards))]
-
         records = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(
-            self._records(resampled())) if self.shuffle_buffer > 1 else self._records(resampled())
+            self._resampled_records(rng)) if self.shuffle_buffer > 1 else self._resampled_records(rng)
         if self.batching == "image":
             for r in records:
                 # an image with no caption at the chosen levels falls back to all of its captions
@@ -224,8 +249,11 @@ class _ThreadedIterator:
     Errors raised by the loader (a bad shard under ``data.strict``) are re-raised in the main thread.
     """
 
-    def __init__(self, iterator, depth: int = 2):
+    def __init__(self, iterator, depth: int = 2, stop_requested=None):
         self._iterator = iterator
+        # Lightning's SIGTERM handler only sets a flag that its loops read between batches; a main
+        # thread blocked here on a batch that never comes would never see it, so the wait polls it.
+        self._stop_requested = stop_requested or (lambda: False)
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lightning-clip-prefetch", daemon=True)
@@ -253,7 +281,18 @@ class _ThreadedIterator:
         return self
 
     def __next__(self):
-        kind, value = self._queue.get()
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if self._stop_requested():
+                    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+                    # no join: the thread may be blocked inside the loader, which shuts down its
+                    # workers when the trainer lets go of it
+                    self._stop.set()
+                    raise SIGTERMException(1) from None
         if kind == "batch":
             return value
         if kind == "error":
@@ -273,6 +312,7 @@ class _EpochLoader(DataLoader):
     thread (`_ThreadedIterator`)."""
 
     prefetch_thread = False
+    stop_requested = None  # () -> bool: the trainer received SIGTERM (see `_ThreadedIterator`)
 
     def __iter__(self):
         previous = getattr(self, "_threaded", None)
@@ -284,7 +324,7 @@ class _EpochLoader(DataLoader):
         self._epoch = self.dataset.epoch + 1
         iterator = super().__iter__()
         if self.prefetch_thread and self.num_workers > 0:
-            self._threaded = _ThreadedIterator(iterator)
+            self._threaded = _ThreadedIterator(iterator, stop_requested=self.stop_requested)
             return self._threaded
         return iterator
 
@@ -463,6 +503,7 @@ class ClipDataModule(LightningDataModule):
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
         loader = self._loader(self._train, self.num_workers)
         loader.prefetch_thread = True
+        loader.stop_requested = lambda: bool(getattr(self.trainer, "received_sigterm", False))
         return loader
 
     def val_dataloader(self) -> DataLoader:
