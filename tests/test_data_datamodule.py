@@ -311,3 +311,17 @@ def test_prefetch_thread_wait_ends_when_the_trainer_got_sigterm():
     with pytest.raises(SIGTERMException):
         next(it)
     never.set()
+
+
+def test_validation_set_with_no_sample_fails_naming_the_shards(tmp_path, world, tok):
+    from lightning_clip.data.datamodule import EmptyStreamError
+
+    d = tmp_path / "emptyval"
+    d.mkdir()
+    _write(d / "v-000000.tar", {})
+    _write(d / "v-000001.tar", {"k0": BAD["badjson"][0]})
+    for workers in (0, 2):
+        dm = ClipDataModule(str(world / "train"), str(d), batch_size=2, num_workers=workers, tokenizer=tok)
+        dm.setup("validate")
+        with pytest.raises(EmptyStreamError, match=r"data.val_shards.*v-000000.tar.*v-000001.tar"):
+            list(dm.val_dataloader())

@@ -326,7 +326,20 @@ class _EpochLoader(DataLoader):
         if self.prefetch_thread and self.num_workers > 0:
             self._threaded = _ThreadedIterator(iterator, stop_requested=self.stop_requested)
             return self._threaded
+        if not self.dataset.train:
+            return self._nonempty(iterator)
         return iterator
+
+    def _nonempty(self, iterator):
+        """Validation batches; none at all from shards this rank reads is an error: the run would end
+        with exit 0 and no val/* metric, and the ablation runner would tabulate nothing."""
+        stream = self.dataset
+        delivered = False
+        for batch in iterator:
+            delivered = True
+            yield batch
+        if not delivered and stream.shards[stream.rank::stream.world_size]:
+            raise EmptyStreamError(_no_sample_message(stream.shards, "data.val_shards"))
 
 
 class ClipDataModule(LightningDataModule):
