@@ -325,3 +325,29 @@ def test_validation_set_with_no_sample_fails_naming_the_shards(tmp_path, world, 
         dm.setup("validate")
         with pytest.raises(EmptyStreamError, match=r"data.val_shards.*v-000000.tar.*v-000001.tar"):
             list(dm.val_dataloader())
+
+
+WRONG_TYPES = {
+    "capstring": ({"all_captions": "a red square"}, "all_captions must be a list of strings, got str"),
+    "capnumbers": ({"all_captions": ["a red square", 3]}, "all_captions must be a list of strings"),
+    "captionlist": ({"caption": ["a red square"]}, "caption must be a string, got list"),
+    "infostrings": ({"all_captions": ["a red square"], "captions": ["a red square"]},
+                    "captions must be a list of objects"),
+    "infolevel": ({"all_captions": ["a"], "captions": [{"level": "1", "constraints": {"objects": []}}]},
+                  r"captions\[0\].level must be an integer"),
+    "infolength": ({"all_captions": ["a", "b"], "captions": [{"level": 1, "constraints": {"objects": []}}]},
+                   "captions has 1 entries for 2 all_captions"),
+    "scenelist": ({"all_captions": ["a red square"], "scene": []}, "scene must be an object"),
+}
+
+
+@pytest.mark.parametrize("key", WRONG_TYPES)
+def test_wrong_types_in_key_json_are_skipped_counted_or_raised(tmp_path, tok, key):
+    meta, reason = WRONG_TYPES[key]
+    _write(tmp_path / "s.tar", {"k0": {"jpg": None, "txt": b"a red square"},
+                                key: {"jpg": None, "json": json.dumps(meta).encode()}})
+    with pytest.warns(DataWarning, match=rf"s.tar, key {key}: wrong type in KEY.json: {reason}"):
+        dm, keys = _read_all(tmp_path, tokenizer=tok)
+    assert keys == ["k0#0"] and dm.skipped == 1
+    with pytest.raises(BadSampleError, match=rf"s.tar, key {key}: wrong type in KEY.json: {reason}.*strict"):
+        _read_all(tmp_path, tokenizer=tok, strict=True)

@@ -264,6 +264,39 @@ def _tar_members(shard: str, on_bad: SkipPolicy) -> Iterator[tuple[str, dict[str
         yield key, files
 
 
+def _kind(v) -> str:
+    return type(v).__name__
+
+
+def _schema_problem(meta: dict) -> Optional[str]:
+    """What is wrong with the types of KEY.json's fields, or None. Every field is optional, but one that
+    is present must have its type: a string ``all_captions`` would otherwise be trained on character by
+    character, and a malformed ``captions``/``scene`` would crash the collate or the oracle later."""
+    caps = meta.get("all_captions")
+    if caps is not None and not (isinstance(caps, list) and all(isinstance(c, str) for c in caps)):
+        return f"all_captions must be a list of strings, got {_kind(caps)}" + (
+            f" holding {sorted({_kind(c) for c in caps if not isinstance(c, str)})}" if isinstance(caps, list) else "")
+    if meta.get("caption") is not None and not isinstance(meta["caption"], str):
+        return f"caption must be a string, got {_kind(meta['caption'])}"
+    info = meta.get("captions")
+    if info is not None:
+        if not (isinstance(info, list) and all(isinstance(c, dict) for c in info)):
+            return f"captions must be a list of objects (level, constraints), got {_kind(info)}" + (
+                f" holding {sorted({_kind(c) for c in info if not isinstance(c, dict)})}" if isinstance(info, list) else "")
+        for i, c in enumerate(info):
+            if not isinstance(c.get("level"), int) or isinstance(c.get("level"), bool):
+                return f"captions[{i}].level must be an integer, got {_kind(c.get('level'))}"
+            cons = c.get("constraints")
+            if not (isinstance(cons, dict) and isinstance(cons.get("objects"), list)):
+                return f"captions[{i}].constraints must be an object with an objects list"
+        if isinstance(caps, list) and len(info) != len(caps):
+            return f"captions has {len(info)} entries for {len(caps)} all_captions"
+    scene = meta.get("scene")
+    if scene is not None and not (isinstance(scene, dict) and isinstance(scene.get("objects"), list)):
+        return f"scene must be an object with an objects list, got {_kind(scene)}"
+    return None
+
+
 def decode(shard: str, key: str, files: dict[str, bytes], on_bad: SkipPolicy) -> Optional[Record]:
     """Turn the raw files of one key into a `Record`, or report it to ``on_bad`` and return None."""
     img_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
@@ -279,6 +312,10 @@ def decode(shard: str, key: str, files: dict[str, bytes], on_bad: SkipPolicy) ->
         except ValueError as e:
             on_bad(shard, key, f"malformed JSON ({e})")
             return None
+    problem = _schema_problem(meta)
+    if problem:
+        on_bad(shard, key, f"wrong type in KEY.json: {problem}")
+        return None
     captions = meta.get("all_captions")
     if not captions:
         cap = meta.get("caption")
