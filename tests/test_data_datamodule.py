@@ -351,3 +351,28 @@ def test_wrong_types_in_key_json_are_skipped_counted_or_raised(tmp_path, tok, ke
     assert keys == ["k0#0"] and dm.skipped == 1
     with pytest.raises(BadSampleError, match=rf"s.tar, key {key}: wrong type in KEY.json: {reason}.*strict"):
         _read_all(tmp_path, tokenizer=tok, strict=True)
+
+
+def test_a_cut_tar_counts_the_samples_it_lost(tmp_path, tok):
+    good = {"jpg": None, "txt": b"a red square"}
+    _write(tmp_path / "a-000000.tar", {f"w{i}": good for i in range(6)})
+    _write(tmp_path / "a-000001.tar", {f"c{i}": good for i in range(6)})
+    raw = (tmp_path / "a-000001.tar").read_bytes()
+    per_sample = raw.index(b"c1.jpg") - raw.index(b"c0.jpg")  # header to header
+    (tmp_path / "a-000001.tar").write_bytes(raw[:int(2.5 * per_sample)])  # half of it: c2 cut, c3..c5 gone
+    # c0 is delivered; c1 is still being grouped when c2's member breaks off, so c1..c5 are lost: 5, not 1
+    with pytest.warns(DataWarning, match=r"a-000001.tar, key c1: truncated.*read 1 sample\(s\).*lost 5"):
+        dm, keys = _read_all(tmp_path, tokenizer=tok)
+    assert len(keys) == 6 + 1 and dm.skipped == 5
+
+
+def test_a_corrupt_header_counts_the_samples_after_it(tmp_path, tok):
+    good = {"jpg": None, "txt": b"a red square"}
+    _write(tmp_path / "s.tar", {f"k{i}": good for i in range(6)})
+    raw = bytearray((tmp_path / "s.tar").read_bytes())
+    at = raw.index(b"k2.txt")
+    raw[at:at + 6] = b"XXXXXX"  # k2.txt's header fails its checksum; k3..k5 are intact past it
+    (tmp_path / "s.tar").write_bytes(bytes(raw))
+    with pytest.warns(DataWarning, match=r"s.tar, key k2: truncated or corrupt.*lost 4.*3 found past the damage"):
+        dm, keys = _read_all(tmp_path, tokenizer=tok)
+    assert keys == ["k0#0", "k1#0"] and dm.skipped == 4
