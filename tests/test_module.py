@@ -111,8 +111,19 @@ def test_nan_features_raise_a_clear_error():
     m = ClipModule(**TINY)
     b = batch()
     b["image"][1] = float("nan")
-    with pytest.raises((FloatingPointError, ValueError), match=r"(?i)nan|loss is"):
+    with pytest.raises(FloatingPointError, match=r"train step at global step 0, loss family 'infonce': "
+                                                 r"non-finite features \(.*image.*NaN.*\).*lower model.lr "
+                                                 r"\(now 0.001\), check the data"):
         m.training_step(b, 0)
+
+
+def test_non_finite_loss_names_step_family_and_remedy(monkeypatch):
+    m = ClipModule(**TINY, loss="siglip", lr=0.02)
+    out = m._compute_loss(m(batch()))
+    out.loss = torch.tensor(float("inf"))
+    with pytest.raises(FloatingPointError, match=r"val step at global step 0, loss family 'siglip': loss is inf "
+                                                 r"\(batch keys \['k0#0'\]...\).*lower model.lr \(now 0.02\)"):
+        m._check_finite(out, {"meta": {"key": ["k0#0"]}}, "val")
 
 
 def test_oracle_loss_gets_the_batch_relevance_and_groups_loss_does_not():
