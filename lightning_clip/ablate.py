@@ -347,6 +347,26 @@ def default_command() -> list[str]:
     return shlex.split(custom) if custom else [sys.executable, "-m", "lightning_clip", "fit"]
 
 
+def _die_with(parent: int):
+    """A ``preexec_fn`` (runs in the child between fork and exec) that makes the child receive SIGTERM
+    when the runner dies, even by kill -9, so no training process runs on orphaned in its own session
+    (Linux: prctl PR_SET_PDEATHSIG; elsewhere nothing, and `_kill_orphan` stops it on the next call).
+    SIGTERM, not SIGKILL: Lightning stops at the next batch and its loader workers are shut down."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the runner died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 class _Active:
     def __init__(self, run: Run, command: list[str], env: dict):
         self.run, self.command = run, command
@@ -357,9 +377,10 @@ class _Active:
         self.log.flush()
         self.start = time.monotonic()
         # its own session: Ctrl-C on the terminal reaches only the runner, which then stops the whole
-        # group (dataloader workers included) and leaves no stamp
+        # group (dataloader workers included) and leaves no stamp; and a parent-death signal, so that a
+        # runner killed with -9 takes its children with it
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()))
         (run.run_dir / PID_FILE).write_text(f"{self.proc.pid}\n")
 
     def stop(self, grace: float = 5.0) -> None:
