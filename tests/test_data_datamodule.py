@@ -108,16 +108,41 @@ def test_caption_batching_repeats_images_with_shared_groups(world):
         assert torch.equal(b["meta"]["image_group"][sel], b["meta"]["text_group"][sel])
 
 
-def test_generate_option_builds_the_world_before_setup(tmp_path):
+def test_generate_option_builds_the_world_before_setup(tmp_path, capsys):
     root = tmp_path / "gen"
     dm = ClipDataModule(str(root / "train"), str(root / "val"), batch_size=4, num_workers=0, epoch_length=8,
-                        generate={"seed": 1, "num_train": 12, "num_val": 4, "image_size": 32}, image_size=32)
+                        generate={"root": str(root), "seed": 1, "num_train": 12, "num_val": 4, "image_size": 32},
+                        image_size=32)
     assert dm.vocab_size == len(syn.vocabulary()) + 4 and not root.exists()
     dm.setup("fit")
+    assert f"data: {root} is absent; generating the synthetic world there" in capsys.readouterr().out
     assert (root / "tokenizer.json").is_file() and len(expand_shards(str(root / "val"))) == 4
     assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 32, 32)
-    with pytest.raises(ValueError, match="<root>/train"):
-        ClipDataModule(str(tmp_path / "a/tr"), str(tmp_path / "a/val"), generate={"num_train": 4})
+    with pytest.raises(ValueError, match=r"data.generate needs a root.*<root>/train"):
+        ClipDataModule(str(tmp_path / "a/train"), str(tmp_path / "a/val"), generate={"num_train": 4})
+
+
+def test_generate_never_builds_where_the_shards_point_elsewhere(tmp_path):
+    # a typo in the shard path: an error that names it and says how to build shards, and nothing written
+    gen = {"root": str(tmp_path / "synthetic48"), "seed": 1, "num_train": 12, "num_val": 4, "image_size": 32}
+    typo = tmp_path / "synthetc48"
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*synthetc48/train.*matches no shard.*"
+                                                r"lightning_clip.data.convert.*make data"):
+        ClipDataModule(str(typo / "train"), str(typo / "val"), num_workers=0, generate=gen)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_the_real_data_config_never_generates(tmp_path):
+    # base.yaml's generate block is on; the Flickr8k delta over it must read its shards or fail
+    from test_cli import BASE, parse
+
+    missing = tmp_path / "flickr8k-96"
+    cfg = parse("--config", str(BASE), "--config", str(BASE.parent / "real" / "flickr8k.yaml"),
+                f"--data.train_shards={missing}/train", f"--data.val_shards={missing}/val")
+    assert cfg.data.generate is None
+    with pytest.raises(FileNotFoundError, match=r"flickr8k-96/train.*lightning_clip.data.convert flickr"):
+        ClipDataModule(**{**cfg.data.as_dict(), "num_workers": 0})
+    assert not missing.exists()
 
 
 def test_pattern_matching_nothing_fails_with_the_pattern(world, tmp_path):

@@ -367,10 +367,11 @@ class ClipDataModule(LightningDataModule):
         mean: normalisation mean (CLIP's by default).
         std: normalisation std.
         augment: random resized crops for training (no flips: captions name positions).
-        generate: if the shard directories are missing, generate the synthetic world first with these
-            arguments of `lightning_clip.data.synthetic.generate` (e.g. ``{"seed": 0, "num_train": 20000,
-            "num_val": 500}``); requires ``train_shards`` and ``val_shards`` to be ``<root>/train`` and
-            ``<root>/val``.
+        generate: ``{"root": ROOT, **kw}``: if ``train_shards``/``val_shards`` are exactly ``ROOT/train`` and
+            ``ROOT/val`` and missing, generate the synthetic world into ROOT first (with a printed line)
+            with the arguments ``kw`` of `lightning_clip.data.synthetic.generate` (e.g. ``{"root":
+            "data/synthetic48", "seed": 0, "num_train": 20000, "num_val": 500}``). Shards anywhere else
+            are never generated: a missing path is an error.
         seed: seed of the training stream (shard choice, shuffling, caption choice).
         caption_levels: specificity levels (1..4, see `lightning_clip.data.synthetic`) that training
             captions are drawn from; None = all. Image batching draws each image's caption among its
@@ -436,13 +437,23 @@ class ClipDataModule(LightningDataModule):
         return self._skips.count
 
     def _generate_root(self) -> Optional[Path]:
-        if not self.generate or Path(self.train_shards).exists():
+        """The folder to generate the synthetic world into, or None. Only ``data.generate.root``, only
+        when the shards are exactly ``<root>/train`` and ``<root>/val`` and absent: a shard path the user
+        typed (a typo, or real data that is not there) must fail, not become a synthetic world."""
+        if not self.generate:
             return None
-        tr, va = Path(self.train_shards), Path(self.val_shards)
-        if tr.name != "train" or va.name != "val" or tr.parent != va.parent:
-            raise ValueError(f"data.generate needs data.train_shards=<root>/train and data.val_shards=<root>/val; "
-                             f"got {self.train_shards!r} and {self.val_shards!r}")
-        return tr.parent
+        root = self.generate.get("root")
+        if not root:
+            raise ValueError("data.generate needs a root: the one folder it may build the synthetic world in, "
+                             "with data.train_shards=<root>/train and data.val_shards=<root>/val (e.g. "
+                             "generate: {root: data/synthetic48, seed: 0, ...}); null turns generation off")
+        r = os.path.normpath(str(root))
+        if (os.path.normpath(str(self.train_shards)), os.path.normpath(str(self.val_shards))) != (
+                os.path.join(r, "train"), os.path.join(r, "val")):
+            return None  # the shards point elsewhere: read them as given (a missing path is an error)
+        if Path(self.train_shards).exists():
+            return None
+        return Path(r)
 
     def _load_tokenizer(self, spec: str, vocab_size: int, cache: str):
         from lightning_clip.models.tokenizer import load_tokenizer, synthetic_tokenizer
@@ -460,7 +471,10 @@ class ClipDataModule(LightningDataModule):
         if root is not None:
             from lightning_clip.data.synthetic import ensure_generated
 
-            ensure_generated(root, **self.generate)
+            if not root.exists():
+                print(f"data: {root} is absent; generating the synthetic world there (data.generate; "
+                      "`make data` does it up front)", flush=True)
+            ensure_generated(root, **{k: v for k, v in self.generate.items() if k != "root"})
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "_trainer", None)

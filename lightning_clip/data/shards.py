@@ -66,8 +66,12 @@ def expand_shards(pattern: str, option: str = "shards") -> list[str]:
         elif os.path.isfile(part):
             files.append(part)
     if not files:
-        raise FileNotFoundError(f"data.{option}={pattern!r} matches no shard (expected a directory of .tar "
-                                f"files, a glob, or a brace pattern like dir/shard-{{000000..000007}}.tar)")
+        raise FileNotFoundError(
+            f"data.{option}={pattern!r} matches no shard (expected a directory of .tar files, a glob, or a "
+            f"brace pattern like dir/shard-{{000000..000007}}.tar). Check the path; to build shards: real "
+            f"photographs with `python -m lightning_clip.data.convert flickr|coco ... --out ROOT` (see "
+            f"data/README.md), the synthetic world with `make data` or `python -m lightning_clip.data.synthetic "
+            f"--out ROOT`, then point data.train_shards/data.val_shards at ROOT/train and ROOT/val")
     return sorted(dict.fromkeys(files))
 
 
