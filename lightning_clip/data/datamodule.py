@@ -122,6 +122,12 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 0)
         self.epoch = 0   # set by the loader in the main process before each pass
         self._passes = 0  # passes made by this copy (persistent workers keep their copy)
+        self._skip = 0    # batches of the next pass already trained on before a resume (see `resume_at`)
+
+    def resume_at(self, passes: int, batches: int) -> None:
+        """Make the next pass continue pass ``passes`` (0-based) after its first ``batches`` batches, as
+        an uninterrupted run would (call before the workers start: they copy this state)."""
+        self._passes, self._skip = passes, batches
 
     def batches_per_worker(self) -> int:
         return max(1, math.ceil(self.epoch_length / (self.batch_size * self.world_size * max(1, self.num_workers))))
@@ -136,9 +142,15 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         self._passes += 1
         if self.train:
-            rng = random.Random(hash((self.seed, self.rank, worker, self.epoch, self._passes)))
-            items = self._train_items(rng)
-            yield from islice(self._batches(items, partial=False), self.batches_per_worker())
+            skip, self._skip = self._skip, 0
+            # The loader takes batches from its workers round-robin, starting at worker 0; after a resume
+            # the uninterrupted run's next batch is that of worker skip % workers, so the workers take
+            # over the streams (seed and position) of the ones they stand in for.
+            role = (worker + skip) % workers
+            done = len(range(role, skip, workers))  # batches of this stream among the first `skip`
+            rng = random.Random(hash((self.seed, self.rank, role, self.epoch, self._passes)))
+            items = islice(self._train_items(rng), done * self.batch_size, None)
+            yield from islice(self._batches(items, partial=False), max(0, self.batches_per_worker() - done))
         else:
             # Node split first, then worker split, both over shards: deterministic, no loss, no duplication.
             mine = self.shards[self.rank::self.world_size][worker::workers]
@@ -429,6 +441,7 @@ class ClipDataModule(LightningDataModule):
         self.pad_token_id: int = int(self.tokenizer.pad_token_id)
         self._train: Optional[ShardStream] = None
         self._val: Optional[ShardStream] = None
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, batches trained in it), from a checkpoint
 
     # ------------------------------------------------------------------------------------ setup
     @property
@@ -531,7 +544,31 @@ class ClipDataModule(LightningDataModule):
         loader = self._loader(self._train, self.num_workers)
         loader.prefetch_thread = True
         loader.stop_requested = lambda: bool(getattr(self.trainer, "received_sigterm", False))
+        if self._resume is not None:
+            epoch, batches = self._resume
+            self._resume = None
+            if batches >= len(self._train):  # saved at the end of an epoch: the next one starts afresh
+                epoch, batches = epoch + 1, 0
+            self._train.resume_at(epoch, batches)
+            if self.num_workers == 0:
+                # the loader tells an in-process stream its epoch; persistent workers keep the epoch they
+                # were started with (0), so it stays 0 for them, resumed or not
+                loader._epoch = epoch
         return loader
+
+    # -- resume: the checkpoint records where the training stream stands -----------------------------
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # processed, not completed: a checkpoint saved in on_train_batch_end has trained that batch too
+        # (Lightning counts it completed when it restores)
+        return {"train_epoch": int(trainer.current_epoch),
+                "train_batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "train_epoch" in state:
+            self._resume = (int(state["train_epoch"]), int(state["train_batches"]))
 
     def val_dataloader(self) -> DataLoader:
         if self._val is None:

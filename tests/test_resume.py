@@ -1,0 +1,57 @@
+"""Resume: a run restarted from its last checkpoint continues the training stream where it stopped (the
+batches after the resume are the uninterrupted run's), and the CLI keeps last.ckpt, resumes it with
+--ckpt_path=last and refuses to start over in a finished run folder unless asked."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_clip.data import synthetic as syn
+from lightning_clip.module import ClipModule
+from _data_helpers import small_dm
+
+TINY = dict(embed_dim=16, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1),
+            image_size=32, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return syn.generate(tmp_path_factory.mktemp("world"), num_train=40, num_val=8, seed=0, image_size=32)
+
+
+class Keys(L.Callback):
+    def __init__(self):
+        self.keys = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys.append(tuple(batch["meta"]["key"]))
+
+
+def _fit(world, tmp_path, max_steps, workers, ckpt_path=None, save_every=None):
+    dm = small_dm(world, batch_size=4, epoch_length=24, num_workers=workers, image_size=32)
+    model = ClipModule(**TINY, vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id)
+    keys = Keys()
+    callbacks = [keys]
+    if save_every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=save_every))
+    trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=bool(save_every), callbacks=callbacks,
+                        default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return keys.keys
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(world, tmp_path, workers):
+    # 6 batches per epoch; stopped after 7 steps (one into epoch 1, the odd worker's turn), resumed to 14
+    full = _fit(world, tmp_path / "full", 14, workers)
+    first = _fit(world, tmp_path / "cut", 7, workers, save_every=7)
+    assert first == full[:7]
+    resumed = _fit(world, tmp_path / "resumed", 14, workers, ckpt_path=str(tmp_path / "cut" / "last.ckpt"))
+    assert len(resumed) == 7 and resumed == full[7:]
