@@ -55,3 +55,43 @@ def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(world, tmp_path,
     assert first == full[:7]
     resumed = _fit(world, tmp_path / "resumed", 14, workers, ckpt_path=str(tmp_path / "cut" / "last.ckpt"))
     assert len(resumed) == 7 and resumed == full[7:]
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _cli(world, run, *extra):
+    from lightning_clip import cli
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cli.main(["fit", "--config", "experiments/base.yaml", "--config", "experiments/smoke.yaml",
+                         f"--run_dir={run}", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                         f"--data.train_shards={world / 'train'}", f"--data.val_shards={world / 'val'}",
+                         "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=0", *extra])
+
+
+def test_cli_keeps_last_ckpt_resumes_it_and_refuses_to_start_over(world, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr("sys.argv", ["lightning-clip"])
+    run = tmp_path / "run"
+    _cli(world, run)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    before = (run / "final_metrics.json").read_text()
+    assert json.loads(before)["step"] == 3
+
+    with pytest.raises(SystemExit, match=r"already holds a run .*--ckpt_path=last.*--overwrite=true"):
+        _cli(world, run)
+    with pytest.raises(SystemExit, match=r"already reached step 3 \(trainer.max_steps=3\)"):
+        _cli(world, run, "--ckpt_path=last")
+    assert (run / "final_metrics.json").read_text() == before  # refused before writing anything
+
+    resumed = _cli(world, run, "--ckpt_path=last", "--trainer.max_steps=5")
+    assert resumed.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 5
+
+    with pytest.raises(SystemExit, match=r"holds no checkpoints/last.ckpt"):
+        _cli(world, tmp_path / "empty", "--ckpt_path=last")
+
+    _cli(world, run, "--overwrite=true")  # asked: starts over from step 0
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 3
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
