@@ -541,6 +541,9 @@ class ClipDataModule(LightningDataModule):
         # Lightning warns that __len__ may be wrong with several workers; ours is exact (each worker
         # yields batches_per_worker batches from its own seed), so the warning is only noise.
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+        # Lightning warns that a mid-epoch resume replays data unless the loader has a state_dict; the
+        # position is restored through this datamodule's state_dict instead (see `load_state_dict`)
+        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
         loader = self._loader(self._train, self.num_workers)
         loader.prefetch_thread = True
         loader.stop_requested = lambda: bool(getattr(self.trainer, "received_sigterm", False))
