@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +53,13 @@ class ClipCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.pad_token_id", "model.pad_token_id", apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        # `args` given from Python (tests, scripts) define the whole run; sys.argv then belongs to the
+        # caller (pytest's own options), so Lightning's warning about having both is noise no user can act on
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
 
     def _logger(self) -> TensorBoardLogger:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
