@@ -469,7 +469,8 @@ class ClipDataModule(LightningDataModule):
         return Path(r)
 
     def _load_tokenizer(self, spec: str, vocab_size: int, cache: str):
-        from lightning_clip.models.tokenizer import load_tokenizer, synthetic_tokenizer
+        from lightning_clip.data.synthetic import synthetic_tokenizer
+        from lightning_clip.models.tokenizer import load_tokenizer
 
         if spec == "auto" and self._generate_root() is not None:
             return synthetic_tokenizer()  # what the generator will write beside the shards
