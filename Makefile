@@ -18,7 +18,7 @@ JOBS     ?= 2
 ARGS     ?=
 CONFIG   ?= experiments/base.yaml
 
-.PHONY: help install data train smoke ablate convergence test test-slow tensorboard bench clean
+.PHONY: help install data train smoke ablate convergence test test-slow tensorboard bench bench-gpu clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ bench: install  ## the benchmark scripts (figures go to stdout; see BENCHMARKS.m
 	$(PY) benchmarks/train_throughput.py --steps 40
 	$(PY) benchmarks/tower_layout.py
 	$(PY) benchmarks/tower_precision.py
+
+bench-gpu: install  ## our training step at CLIP size vs open_clip's on a GPU (see BENCHMARKS.md)
+	$(PY) benchmarks/gpu_train_step.py
 
 clean:  ## remove runs, results of quick runs, caches (keeps .venv and data)
 	rm -rf runs lightning_logs .pytest_cache results/quick
