@@ -40,8 +40,8 @@ train: install  ## one training run: make train CONFIG=... ARGS='--model.loss=si
 smoke: install  ## a few steps of tiny everything (< 1 min)
 	$(PY) -m lightning_clip fit --config experiments/base.yaml --config experiments/smoke.yaml $(ARGS)
 
-ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1)
-	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS)
+ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1, EXECUTOR=slurm)
+	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
 convergence: install  ## the convergence study that sets base.yaml's budget (every family at 2x, ~20 min)
 	$(PY) -m lightning_clip.ablate --ablation convergence --jobs $(JOBS)

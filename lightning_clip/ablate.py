@@ -35,6 +35,7 @@ import argparse
 import collections
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -551,6 +552,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: a 2-core machine)")
     p.add_argument("--cmd", default=None,
                    help=f"the command a run starts with (default: `python -m lightning_clip fit`, or ${CMD_ENV})")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: child processes on this machine (default); slurm: one SLURM job per run "
+                        "through submitit, with the resources of --slurm-config")
+    p.add_argument("--slurm-config", type=Path, default=Path("experiments/executors/slurm.yaml"),
+                   help="partition, time, nodes and GPUs per run for --executor slurm")
     p.add_argument("--dry-run", action="store_true", help="print the plan with each run's state, run nothing")
     p.add_argument("--no-report", action="store_true", help="run only; write no tables or plots")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -614,7 +620,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _Lock(runs_dir):
             for a in ablations:
                 write_manifest(a, runs_dir, seeds[a.name])
-            failures = execute(runs, command=command, jobs=args.jobs, runs_dir=runs_dir, progress=progress)
+            run_grid = execute
+            if args.executor == "slurm":
+                from lightning_clip import slurm
+
+                run_grid = functools.partial(slurm.execute_slurm, options=slurm.load_options(args.slurm_config))
+            failures = run_grid(runs, command=command, jobs=args.jobs, runs_dir=runs_dir, progress=progress)
     except KeyboardInterrupt:
         print("\ninterrupted: complete runs keep their stamps; run the same command again to resume",
               file=sys.stderr)

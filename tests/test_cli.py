@@ -14,7 +14,8 @@ from lightning_clip.module import ClipModule
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
-CELLS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p != BASE)
+# experiments/executors/ holds the ablation runner's executor options, not training configs
+CELLS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p != BASE and "executors" not in p.parts)
 
 
 class ParseOnlyCLI(ClipCLI):
