@@ -116,8 +116,9 @@ class ClipCLI(LightningCLI):
         kwargs["callbacks"] = list(trainer_cfg.get("callbacks") or []) + default_callbacks()
         if trainer_cfg.get("enable_checkpointing") is not False and not any(
                 isinstance(c, ModelCheckpoint) for c in kwargs["callbacks"]):
-            # Lightning's default checkpoint plus checkpoints/last.ckpt, which --ckpt_path=last resumes
-            kwargs["callbacks"].append(ModelCheckpoint(save_last=True))
+            # Lightning's default checkpoint plus checkpoints/last.ckpt, which --ckpt_path=last resumes;
+            # a link to the checkpoint just written, not a second write of it
+            kwargs["callbacks"].append(ModelCheckpoint(save_last="link"))
         if trainer_cfg.get("logger") in (None, True):  # an explicit logger (or False) in the config wins
             kwargs["logger"] = self._logger()
         return super().instantiate_trainer(**kwargs)

@@ -118,8 +118,10 @@ def test_generate_option_builds_the_world_before_setup(tmp_path, capsys):
     assert f"data: {root} is absent; generating the synthetic world there" in capsys.readouterr().out
     assert (root / "tokenizer.json").is_file() and len(expand_shards(str(root / "val"))) == 4
     assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"data.generate needs a root.*<root>/train"):
+    # without a root, only the default location (base.yaml's data/synthetic48) is ever generated
+    with pytest.raises(FileNotFoundError, match=r"a/train.*matches no shard"):
         ClipDataModule(str(tmp_path / "a/train"), str(tmp_path / "a/val"), generate={"num_train": 4})
+    assert not (tmp_path / "a").exists()
 
 
 def test_generate_never_builds_where_the_shards_point_elsewhere(tmp_path):

@@ -39,6 +39,9 @@ EPOCH_LENGTH = 20000
 #: the synthetic world's caption specificity levels (`lightning_clip.data.synthetic.LEVEL_ATTRIBUTES`)
 CAPTION_LEVELS = (1, 2, 3, 4)
 CAPTION_OBJECTS = (1, 2, 3)  # a caption describes 1..MAX_OBJECTS objects of its scene
+# Where `data.generate` may build the synthetic world when its options name no root: base.yaml's shards
+# (and `make data`'s output). Shards pointed anywhere else are never generated.
+DEFAULT_GENERATE_ROOT = "data/synthetic48"
 
 
 class EmptyStreamError(RuntimeError):
@@ -381,9 +384,9 @@ class ClipDataModule(LightningDataModule):
         augment: random resized crops for training (no flips: captions name positions).
         generate: ``{"root": ROOT, **kw}``: if ``train_shards``/``val_shards`` are exactly ``ROOT/train`` and
             ``ROOT/val`` and missing, generate the synthetic world into ROOT first (with a printed line)
-            with the arguments ``kw`` of `lightning_clip.data.synthetic.generate` (e.g. ``{"root":
-            "data/synthetic48", "seed": 0, "num_train": 20000, "num_val": 500}``). Shards anywhere else
-            are never generated: a missing path is an error.
+            with the arguments ``kw`` of `lightning_clip.data.synthetic.generate` (e.g. ``{"seed": 0,
+            "num_train": 20000, "num_val": 500}``). ROOT defaults to `DEFAULT_GENERATE_ROOT`
+            (``data/synthetic48``). Shards anywhere else are never generated: a missing path is an error.
         seed: seed of the training stream (shard choice, shuffling, caption choice).
         caption_levels: specificity levels (1..4, see `lightning_clip.data.synthetic`) that training
             captions are drawn from; None = all. Image batching draws each image's caption among its
@@ -450,17 +453,13 @@ class ClipDataModule(LightningDataModule):
         return self._skips.count
 
     def _generate_root(self) -> Optional[Path]:
-        """The folder to generate the synthetic world into, or None. Only ``data.generate.root``, only
-        when the shards are exactly ``<root>/train`` and ``<root>/val`` and absent: a shard path the user
-        typed (a typo, or real data that is not there) must fail, not become a synthetic world."""
+        """The folder to generate the synthetic world into, or None. Only ``data.generate.root`` (default
+        `DEFAULT_GENERATE_ROOT`), only when the shards are exactly ``<root>/train`` and ``<root>/val`` and
+        absent: a shard path the user typed (a typo, or real data that is not there) must fail, not
+        become a synthetic world."""
         if not self.generate:
             return None
-        root = self.generate.get("root")
-        if not root:
-            raise ValueError("data.generate needs a root: the one folder it may build the synthetic world in, "
-                             "with data.train_shards=<root>/train and data.val_shards=<root>/val (e.g. "
-                             "generate: {root: data/synthetic48, seed: 0, ...}); null turns generation off")
-        r = os.path.normpath(str(root))
+        r = os.path.normpath(str(self.generate.get("root") or DEFAULT_GENERATE_ROOT))
         if (os.path.normpath(str(self.train_shards)), os.path.normpath(str(self.val_shards))) != (
                 os.path.join(r, "train"), os.path.join(r, "val")):
             return None  # the shards point elsewhere: read them as given (a missing path is an error)
