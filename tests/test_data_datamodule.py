@@ -403,3 +403,20 @@ def test_a_corrupt_header_counts_the_samples_after_it(tmp_path, tok):
     with pytest.warns(DataWarning, match=r"s.tar, key k2: truncated or corrupt.*lost 4.*3 found past the damage"):
         dm, keys = _read_all(tmp_path, tokenizer=tok)
     assert keys == ["k0#0", "k1#0"] and dm.skipped == 4
+
+
+def test_caption_filters_that_allow_no_caption_fail_instead_of_spinning(tmp_path, tok):
+    from lightning_clip.data.datamodule import EmptyStreamError
+
+    meta = {"all_captions": ["a red thing"], "captions": [{"level": 1, "constraints": {"objects": [{"color": "red"}]}}],
+            "scene": {"objects": []}}
+    _write(tmp_path / "s.tar", {f"k{i}": {"jpg": None, "json": json.dumps(meta).encode()} for i in range(3)})
+    kw = dict(batch_size=2, num_workers=0, epoch_length=4, tokenizer=tok, caption_levels=[4], image_size=16)
+    dm = ClipDataModule(str(tmp_path), str(tmp_path), batching="caption", **kw)
+    dm.setup("fit")
+    with pytest.raises(EmptyStreamError, match=r"s.tar.*widen data.caption_levels=\[4\]"):
+        next(iter(dm.train_dataloader()))
+    # image batching falls back to every caption of the image: the same shards train
+    dm = ClipDataModule(str(tmp_path), str(tmp_path), batching="image", **kw)
+    dm.setup("fit")
+    assert len(next(iter(dm.train_dataloader()))["meta"]["key"]) == 2

@@ -179,23 +179,34 @@ class ShardStream(IterableDataset):
                 if (levels is None or c["level"] in levels)
                 and (objects is None or len(c["constraints"]["objects"]) in objects)]
 
+    def _usable(self, r: Record) -> bool:
+        """Whether ``r`` gives a training item: caption batching emits nothing for an image with no
+        caption at the chosen levels/object counts (image batching falls back to all of its captions)."""
+        return self.batching == "image" or self._allowed(r) != []
+
     def _resampled_records(self, rng: random.Random) -> Iterator[Record]:
         """Records of shards drawn with replacement, forever; raises `EmptyStreamError` once every shard
-        has been read since the last record without yielding one (all empty, or every sample bad), which
-        would otherwise spin at 100% CPU with zero steps."""
-        barren: set[str] = set()  # shards read since the last record that gave none
+        has been read since the last usable record without yielding one (all empty, every sample bad,
+        or no caption passing the caption filters), which would otherwise spin at 100% CPU with zero
+        steps."""
+        barren: set[str] = set()  # shards read since the last usable record that gave none
         while True:
             shard = self.shards[rng.randrange(len(self.shards))]
             found = False
             for r in iter_records(shard, self.on_bad):
-                found = True
+                found = found or self._usable(r)
                 yield r
             if found:
                 barren.clear()
                 continue
             barren.add(shard)
             if len(barren) == len(set(self.shards)):
-                raise EmptyStreamError(_no_sample_message(self.shards, "data.train_shards"))
+                msg = _no_sample_message(self.shards, "data.train_shards")
+                if self.caption_levels is not None or self.caption_objects is not None:
+                    msg += (f", or widen data.caption_levels={sorted(self.caption_levels or []) or None} / "
+                            f"data.caption_objects={sorted(self.caption_objects or []) or None}: with "
+                            "data.batching=caption no image has a caption they allow")
+                raise EmptyStreamError(msg)
 
     def _train_items(self, rng: random.Random):
         import webdataset as wds

@@ -12,6 +12,7 @@ and key plus a count, or with ``strict`` an error.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -290,14 +291,22 @@ def _missing_tail(shard: str, size: int, complete: int, complete_bytes: int) -> 
     cut (``complete_bytes``); 0 when there is nothing to estimate from."""
     if complete < 1 or complete_bytes <= 0:
         return 0
-    here = Path(shard.removeprefix("file://"))
+    median = _median_sibling_size(shard.removeprefix("file://"))
+    if median is None or median <= size:
+        return 0
+    return max(0, round(median / (complete_bytes / complete)) - complete - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _median_sibling_size(path: str) -> Optional[int]:
+    """Median content size of the other shards in ``path``'s folder; cached, because training rereads a
+    damaged shard (drawn with replacement) and would otherwise stat and read every sibling each time."""
+    here = Path(path)
     try:
         sizes = sorted(_content_size(p) for p in here.parent.glob("*.tar") if p != here)
     except OSError:
-        return 0
-    if not sizes or sizes[len(sizes) // 2] <= size:
-        return 0
-    return max(0, round(sizes[len(sizes) // 2] / (complete_bytes / complete)) - complete - 1)
+        return None
+    return sizes[len(sizes) // 2] if sizes else None
 
 
 def _tar_members(shard: str, on_bad: SkipPolicy) -> Iterator[tuple[str, dict[str, bytes]]]:
