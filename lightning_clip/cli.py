@@ -76,6 +76,17 @@ class ClipCLI(LightningCLI):
             version = max(found) if found else None
         return TensorBoardLogger(save_dir="runs", name=name, version=version, default_hp_metric=False)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException as e:
+            # Lightning ends a SIGTERM'd run with SystemExit(None): exit 0, which a scheduler or the
+            # ablation runner would take for a finished run (final_metrics.json exists after a validation)
+            raise SystemExit(f"{subcommand} stopped by SIGTERM at global step {self.trainer.global_step}; "
+                             "resume it with --ckpt_path=last") from e
+
     def before_fit(self) -> None:
         """Resume or refuse before anything is written: `--ckpt_path=last` resumes the run folder's
         checkpoints/last.ckpt (an error if there is none, or if the run already reached max_steps); a folder

@@ -95,3 +95,20 @@ def test_cli_keeps_last_ckpt_resumes_it_and_refuses_to_start_over(world, tmp_pat
     _cli(world, run, "--overwrite=true")  # asked: starts over from step 0
     assert json.loads((run / "final_metrics.json").read_text())["step"] == 3
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
+
+
+class SigtermAtStep2(L.Callback):
+    """What Lightning's SIGTERM handler does (sets the trainer's flag), at step 2."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 2:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_a_sigterm_ends_fit_with_a_nonzero_exit_that_says_how_to_resume(world, tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lightning-clip"])
+    with pytest.raises(SystemExit) as stop:
+        _cli(world, tmp_path / "run", "--trainer.max_steps=6", "--trainer.val_check_interval=1",
+             "--trainer.callbacks+=test_resume.SigtermAtStep2")
+    assert stop.value.code == "fit stopped by SIGTERM at global step 2; resume it with --ckpt_path=last"
+    assert (tmp_path / "run" / "final_metrics.json").exists()  # why exit 0 would pass for a finished run
