@@ -347,11 +347,16 @@ def test_validation_set_with_no_sample_fails_naming_the_shards(tmp_path, world, 
     d.mkdir()
     _write(d / "v-000000.tar", {})
     _write(d / "v-000001.tar", {"k0": BAD["badjson"][0]})
+    import warnings
+
     for workers in (0, 2):
         dm = ClipDataModule(str(world / "train"), str(d), batch_size=2, num_workers=workers, tokenizer=tok)
         dm.setup("validate")
-        with pytest.raises(EmptyStreamError, match=r"data.val_shards.*v-000000.tar.*v-000001.tar"):
+        with warnings.catch_warnings(), pytest.raises(EmptyStreamError,
+                                                      match=r"data.val_shards.*v-000000.tar.*v-000001.tar"):
+            warnings.simplefilter("ignore", DataWarning)  # the bad sample's own warning (tested elsewhere)
             list(dm.val_dataloader())
+        assert dm.skipped == 1
 
 
 WRONG_TYPES = {
