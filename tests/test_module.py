@@ -144,7 +144,7 @@ def test_oracle_loss_gets_the_batch_relevance_and_groups_loss_does_not():
 
 def _logged(m: ClipModule) -> dict:
     logged = {}
-    m.log = lambda name, value, **kw: logged.__setitem__(name, float(value))  # no trainer attached
+    m.log = lambda name, value, **kw: logged.__setitem__(name, float(torch.as_tensor(value).detach()))  # no trainer attached
     return logged
 
 
