@@ -112,3 +112,48 @@ def test_a_sigterm_ends_fit_with_a_nonzero_exit_that_says_how_to_resume(world, t
              "--trainer.callbacks+=test_resume.SigtermAtStep2")
     assert stop.value.code == "fit stopped by SIGTERM at global step 2; resume it with --ckpt_path=last"
     assert (tmp_path / "run" / "final_metrics.json").exists()  # why exit 0 would pass for a finished run
+
+
+def test_sigterm_ends_a_run_whose_loader_never_delivers(world, tmp_path):
+    # the training shard is a pipe that never sends a byte: the loader worker blocks, and so would the
+    # main thread, deaf to Lightning's SIGTERM flag, without the prefetch thread's polling wait
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    pidfile, log = tmp_path / "pipe.pid", tmp_path / "fit.log"
+    shard = f"pipe:sh -c 'echo $$ > {pidfile}; exec sleep 120'"
+    # output to a file: the pipe's `sleep` inherits it and would hold a PIPE open after the run ends
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lightning_clip", "fit", "--config", "experiments/base.yaml", "--config",
+             "experiments/smoke.yaml", f"--run_dir={tmp_path / 'run'}", f"--data.train_shards={shard}",
+             f"--data.val_shards={world / 'val'}", f"--data.tokenizer={world / 'tokenizer.json'}",
+             "--data.image_size=32", "--data.num_workers=1", "--data.generate=null"],
+            cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"),
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120  # hang guards, not timings
+        while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pidfile.exists(), log.read_text()[-3000:]
+        time.sleep(1)  # let the main thread reach its wait for the first batch
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the run did not end within 60 s of SIGTERM:\n" + log.read_text()[-3000:]) from None
+        assert proc.returncode == 1, log.read_text()[-3000:]
+        assert "fit stopped by SIGTERM at global step 0; resume it with --ckpt_path=last" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
