@@ -134,7 +134,7 @@ def test_sigterm_ends_a_run_whose_loader_never_delivers(world, tmp_path):
              f"--data.val_shards={world / 'val'}", f"--data.tokenizer={world / 'tokenizer.json'}",
              "--data.image_size=32", "--data.num_workers=1", "--data.generate=null"],
             cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"),
-            stdout=out, stderr=subprocess.STDOUT)
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # its own group: see finally
     try:
         deadline = time.monotonic() + 120  # hang guards, not timings
         while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -149,11 +149,9 @@ def test_sigterm_ends_a_run_whose_loader_never_delivers(world, tmp_path):
         assert proc.returncode == 1, log.read_text()[-3000:]
         assert "fit stopped by SIGTERM at global step 0; resume it with --ckpt_path=last" in log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if pidfile.exists():
-            try:
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+        # whatever is left of the run (on failure: its loader worker blocked on the pipe, the pipe's sleep)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
