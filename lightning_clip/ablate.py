@@ -35,6 +35,7 @@ import argparse
 import collections
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -347,6 +348,26 @@ def default_command() -> list[str]:
     return shlex.split(custom) if custom else [sys.executable, "-m", "lightning_clip", "fit"]
 
 
+def _die_with(parent: int):
+    """A ``preexec_fn`` (runs in the child between fork and exec) that makes the child receive SIGTERM
+    when the runner dies, even by kill -9, so no training process runs on orphaned in its own session
+    (Linux: prctl PR_SET_PDEATHSIG; elsewhere nothing, and `_kill_orphan` stops it on the next call).
+    SIGTERM, not SIGKILL: Lightning stops at the next batch and its loader workers are shut down."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the runner died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 class _Active:
     def __init__(self, run: Run, command: list[str], env: dict):
         self.run, self.command = run, command
@@ -357,9 +378,10 @@ class _Active:
         self.log.flush()
         self.start = time.monotonic()
         # its own session: Ctrl-C on the terminal reaches only the runner, which then stops the whole
-        # group (dataloader workers included) and leaves no stamp
+        # group (dataloader workers included) and leaves no stamp; and a parent-death signal, so that a
+        # runner killed with -9 takes its children with it
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()))
         (run.run_dir / PID_FILE).write_text(f"{self.proc.pid}\n")
 
     def stop(self, grace: float = 5.0) -> None:
@@ -530,6 +552,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: a 2-core machine)")
     p.add_argument("--cmd", default=None,
                    help=f"the command a run starts with (default: `python -m lightning_clip fit`, or ${CMD_ENV})")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: child processes on this machine (default); slurm: one SLURM job per run "
+                        "through submitit, with the resources of --slurm-config")
+    p.add_argument("--slurm-config", type=Path, default=Path("experiments/executors/slurm.yaml"),
+                   help="partition, time, nodes and GPUs per run for --executor slurm")
     p.add_argument("--dry-run", action="store_true", help="print the plan with each run's state, run nothing")
     p.add_argument("--no-report", action="store_true", help="run only; write no tables or plots")
     p.add_argument("--no-eval", action="store_true",
@@ -649,7 +676,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _Lock(runs_dir):
             for a in ablations:
                 write_manifest(a, runs_dir, seeds[a.name])
-            failures = execute(runs, command=command, jobs=args.jobs, runs_dir=runs_dir, progress=progress)
+            run_grid = execute
+            if args.executor == "slurm":
+                from lightning_clip import slurm
+
+                run_grid = functools.partial(slurm.execute_slurm, options=slurm.load_options(args.slurm_config))
+            failures = run_grid(runs, command=command, jobs=args.jobs, runs_dir=runs_dir, progress=progress)
     except KeyboardInterrupt:
         print("\ninterrupted: complete runs keep their stamps; run the same command again to resume",
               file=sys.stderr)

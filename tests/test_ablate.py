@@ -316,17 +316,30 @@ def test_kill_9_of_the_runner_then_resume(project, capsys):
     cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\nfake: {sleep: 60}\n")
     runner = _start_runner(project)
     child = _wait_for_call(project, 1)
-    runner.kill()  # no chance to clean up: the child runs on, orphaned, in its own session
+    runner.kill()  # no chance to clean up; the child (own session) still gets its parent-death signal
     runner.communicate(timeout=30)
-    assert _alive(child["pid"])
+    deadline = time.monotonic() + 30  # a hang guard, not a timing: the sleep would last 60 s
+    while _alive(child["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child["pid"]), "the child of a runner killed with -9 dies with it, not orphaned"
 
     cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\n")
     assert ablate.main(["--seeds", "1"]) == 0
-    deadline = time.monotonic() + 10
-    while _alive(child["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(child["pid"]), "the orphan of the killed runner is stopped before its folder is redone"
     assert run_dirs(project) == ["toy/a/seed_0", "toy/b/seed_0"]
+    assert "redo toy/a seed 0: interrupted" in capsys.readouterr().out
+
+
+def test_an_orphan_left_running_is_stopped_before_its_folder_is_redone(project, capsys):
+    # the backstop where no parent-death signal exists: a training process of an earlier runner, still
+    # running, named in its folder's PID file
+    cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\n")
+    run_dir = Path("runs/toy/a/seed_0")
+    run_dir.mkdir(parents=True)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--run_dir={run_dir}"],
+                              start_new_session=True)
+    (run_dir / ablate.PID_FILE).write_text(f"{orphan.pid}\n")
+    assert ablate.main(["--seeds", "1"]) == 0
+    assert orphan.wait(timeout=30) == -signal.SIGKILL
     assert "redo toy/a seed 0: interrupted" in capsys.readouterr().out
 
 

@@ -298,6 +298,14 @@ def sample_caption(scene: dict, rng: random.Random) -> dict:
             "text_id": stable_id(text)}
 
 
+def synthetic_tokenizer():
+    """The world's tokenizer: one token per word of its closed vocabulary (the world hands its words to
+    the tokenizer module, which knows nothing of the world)."""
+    from lightning_clip.models.tokenizer import tokenizer_from_words
+
+    return tokenizer_from_words(vocabulary())
+
+
 def vocabulary() -> list[str]:
     """Every word a synthetic caption can contain (the generator's tokenizer has exactly these)."""
     words = set(SHAPES) | set(COLORS) | set(_THING_WORDS) | {"a", "an", "and", "in", "at", "the", ","}
@@ -380,8 +388,6 @@ def generate(out: str | os.PathLike, num_train: int = 20000, num_val: int = 500,
     write_split(out / "val", "val", num_val, shard_size=shard_size, **kw)
     if num_test > 0:
         write_split(out / "test", "test", num_test, shard_size=shard_size, **kw)
-    from lightning_clip.models.tokenizer import synthetic_tokenizer
-
     (out / "tokenizer.json").write_text(synthetic_tokenizer().backend_tokenizer.to_str(), encoding="utf-8")
     _write_generator_json(out, dict(num_train=num_train, num_val=num_val, num_test=num_test,
                                     shard_size=shard_size, **kw))
