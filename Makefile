@@ -16,19 +16,21 @@ QUICK    ?=
 JOBS     ?= 2
 
 ARGS     ?=
+RUN      ?=
+SPLIT    ?=
 CONFIG   ?= experiments/base.yaml
 
-.PHONY: help install data train smoke ablate convergence test test-slow tensorboard bench clean
+.PHONY: help install data train smoke eval ablate convergence test test-slow tensorboard bench bench-gpu clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: ABLATION=<name> SEEDS=<n> (3; 1 with QUICK) QUICK=1 ARGS='--trainer.max_steps=50' CONFIG=experiments/base.yaml"
 
-install: $(STAMP)  ## create .venv and install the package with its dev and bench extras (idempotent)
+install: $(STAMP)  ## create .venv and install the package with its dev, bench and eval extras (idempotent)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,eval]'
 	touch $@
 
 data: install  ## generate the default synthetic world into data/synthetic48 (skipped when present)
@@ -40,8 +42,12 @@ train: install  ## one training run: make train CONFIG=... ARGS='--model.loss=si
 smoke: install  ## a few steps of tiny everything (< 1 min)
 	$(PY) -m lightning_clip fit --config experiments/base.yaml --config experiments/smoke.yaml $(ARGS)
 
-ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1)
-	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS)
+eval: install  ## the evaluation suite on a run's checkpoint: make eval RUN=runs/losses/infonce/seed_0 [SPLIT=test]
+	@test -n "$(RUN)" || { echo 'make eval needs RUN=<run folder or checkpoint>'; exit 2; }
+	$(PY) -m lightning_clip eval --ckpt_path=$(RUN) $(if $(SPLIT),--split=$(SPLIT))
+
+ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1, EXECUTOR=slurm)
+	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
 convergence: install  ## the convergence study that sets base.yaml's budget (every family at 2x, ~20 min)
 	$(PY) -m lightning_clip.ablate --ablation convergence --jobs $(JOBS)
@@ -61,6 +67,9 @@ bench: install  ## the benchmark scripts (figures go to stdout; see BENCHMARKS.m
 	$(PY) benchmarks/train_throughput.py --steps 40
 	$(PY) benchmarks/tower_layout.py
 	$(PY) benchmarks/tower_precision.py
+
+bench-gpu: install  ## our training step at CLIP size vs open_clip's on a GPU (see BENCHMARKS.md)
+	$(PY) benchmarks/gpu_train_step.py
 
 clean:  ## remove runs, results of quick runs, caches (keeps .venv and data)
 	rm -rf runs lightning_logs .pytest_cache results/quick

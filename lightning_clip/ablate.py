@@ -35,6 +35,7 @@ import argparse
 import collections
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -347,6 +348,26 @@ def default_command() -> list[str]:
     return shlex.split(custom) if custom else [sys.executable, "-m", "lightning_clip", "fit"]
 
 
+def _die_with(parent: int):
+    """A ``preexec_fn`` (runs in the child between fork and exec) that makes the child receive SIGTERM
+    when the runner dies, even by kill -9, so no training process runs on orphaned in its own session
+    (Linux: prctl PR_SET_PDEATHSIG; elsewhere nothing, and `_kill_orphan` stops it on the next call).
+    SIGTERM, not SIGKILL: Lightning stops at the next batch and its loader workers are shut down."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the runner died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 class _Active:
     def __init__(self, run: Run, command: list[str], env: dict):
         self.run, self.command = run, command
@@ -357,9 +378,10 @@ class _Active:
         self.log.flush()
         self.start = time.monotonic()
         # its own session: Ctrl-C on the terminal reaches only the runner, which then stops the whole
-        # group (dataloader workers included) and leaves no stamp
+        # group (dataloader workers included) and leaves no stamp; and a parent-death signal, so that a
+        # runner killed with -9 takes its children with it
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()))
         (run.run_dir / PID_FILE).write_text(f"{self.proc.pid}\n")
 
     def stop(self, grace: float = 5.0) -> None:
@@ -530,8 +552,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: a 2-core machine)")
     p.add_argument("--cmd", default=None,
                    help=f"the command a run starts with (default: `python -m lightning_clip fit`, or ${CMD_ENV})")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: child processes on this machine (default); slurm: one SLURM job per run "
+                        "through submitit, with the resources of --slurm-config")
+    p.add_argument("--slurm-config", type=Path, default=Path("experiments/executors/slurm.yaml"),
+                   help="partition, time, nodes and GPUs per run for --executor slurm")
     p.add_argument("--dry-run", action="store_true", help="print the plan with each run's state, run nothing")
     p.add_argument("--no-report", action="store_true", help="run only; write no tables or plots")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the evaluation suite (eval.json per run: zero-shot, probes, geometry)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
@@ -546,6 +575,60 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.seeds is not None and args.seeds < 1:
         p.error("--seeds must be >= 1")
     return args
+
+
+EVAL_FILE, EVAL_LOG = "eval.json", "eval.log"
+
+
+def evaluate_runs(runs: Sequence[Run], jobs: int = 1, quick: bool = False) -> list[str]:
+    """`python -m lightning_clip eval` on every finished run without an ``eval.json`` (new runs, and runs
+    finished before the suite existed), ``jobs`` at a time; returns the failures as messages. Its tables'
+    columns (zero-shot, probe, geometry) come from these files."""
+    todo: list[Run] = []
+    copies: list[tuple[Run, Path]] = []  # runs copied from an equal run (without its checkpoint)
+    for r in runs:
+        if state(r) != "done" or (r.run_dir / EVAL_FILE).exists():
+            continue
+        source = (read_stamp(r.run_dir) or {}).get("copied_from")
+        if source:
+            copies.append((r, Path(source)))
+            if not (Path(source) / EVAL_FILE).exists() and all(t.run_dir != Path(source) for t in todo):
+                todo.append(dataclasses.replace(r, run_dir=Path(source)))  # evaluate the original once
+        elif all(t.run_dir != r.run_dir for t in todo):
+            todo.append(r)
+    problems = _evaluate(todo, jobs, quick) if todo else []
+    for run, source in copies:
+        if (source / EVAL_FILE).exists():
+            shutil.copy2(source / EVAL_FILE, run.run_dir / EVAL_FILE)
+    return problems
+
+
+def _evaluate(todo: Sequence[Run], jobs: int, quick: bool) -> list[str]:
+    print(f"evaluating {len(todo)} run(s) (eval.json: zero-shot, linear probes, geometry)", flush=True)
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    extra = ["--probe_images=500"] if quick else []
+    problems, active = [], []
+    pending = list(todo)
+    while pending or active:
+        while pending and len(active) < max(1, jobs):
+            run = pending.pop(0)
+            log = open(run.run_dir / EVAL_LOG, "wb")
+            cmd = [sys.executable, "-m", "lightning_clip", "eval", f"--ckpt_path={run.run_dir}", *extra]
+            active.append((run, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                      stdin=subprocess.DEVNULL, env=env)))
+        time.sleep(0.2)
+        for item in list(active):
+            run, log, proc = item
+            if proc.poll() is None:
+                continue
+            active.remove(item)
+            log.close()
+            if proc.returncode != 0:
+                problems.append(f"eval of {run.label} failed (exit {proc.returncode}); log {run.run_dir / EVAL_LOG}: "
+                                f"{_tail(run.run_dir / EVAL_LOG, 2)}")
+    return problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -593,7 +676,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _Lock(runs_dir):
             for a in ablations:
                 write_manifest(a, runs_dir, seeds[a.name])
-            failures = execute(runs, command=command, jobs=args.jobs, runs_dir=runs_dir, progress=progress)
+            run_grid = execute
+            if args.executor == "slurm":
+                from lightning_clip import slurm
+
+                run_grid = functools.partial(slurm.execute_slurm, options=slurm.load_options(args.slurm_config))
+            failures = run_grid(runs, command=command, jobs=args.jobs, runs_dir=runs_dir, progress=progress)
     except KeyboardInterrupt:
         print("\ninterrupted: complete runs keep their stamps; run the same command again to resume",
               file=sys.stderr)
@@ -603,6 +691,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, previous_int)
 
     problems = [f"{f.run.label}: {f.reason}; log {f.log_path}" for f in failures]
+    # the evaluation suite needs a real run's checkpoint: skipped under a stand-in fit command (tests)
+    if not args.no_eval and command is None and CMD_ENV not in os.environ:
+        try:
+            problems += evaluate_runs(runs, jobs=args.jobs, quick=args.quick)
+        except KeyboardInterrupt:
+            print("\ninterrupted during evaluation: run the same command again to finish it", file=sys.stderr)
+            return 130
     if not args.no_report:
         from lightning_clip import report
 

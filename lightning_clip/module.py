@@ -11,9 +11,11 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_clip.losses import build_loss
+from lightning_clip.losses._inputs import NonFiniteError
 from lightning_clip.models import ImageTower, ProjectionHead, TextTower, VarianceHead
 from lightning_clip.outputs import Embeddings
 
@@ -130,24 +132,53 @@ class ClipModule(L.LightningModule):
             emb.relevance = meta["relevance"]
         return emb
 
+    # -- open_clip's interface ---------------------------------------------------------------------------
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """``[N, 3, H, W]`` images (normalised like the loader's) -> ``[N, embed_dim]`` float32 embeddings,
+        L2-normalised unless ``normalize=False``. open_clip's signature, so tools written for open_clip
+        models (CLIP_benchmark's evaluators) run on this module."""
+        pooled, _ = self.image_tower(images.to(self.device))
+        out = self.image_head(pooled).float()
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(self, tokens: Tensor, attention_mask: Optional[Tensor] = None, normalize: bool = True) -> Tensor:
+        """``[N, L]`` token ids -> ``[N, embed_dim]`` float32 embeddings, L2-normalised unless
+        ``normalize=False``. Without ``attention_mask`` every non-padding token is real (open_clip's
+        tokenizers return ids only)."""
+        tokens = tokens.to(self.device)
+        if attention_mask is None:
+            attention_mask = (tokens != self.hparams.pad_token_id).long()
+        pooled, _, _ = self.text_tower(tokens, attention_mask.to(self.device))
+        out = self.text_head(pooled).float()
+        return F.normalize(out, dim=-1) if normalize else out
+
     # -- steps ---------------------------------------------------------------------------------------------
-    def _compute_loss(self, emb: Embeddings):
+    def _compute_loss(self, emb: Embeddings, batch: Optional[dict] = None, stage: str = "train"):
         # The loss runs in float32 outside autocast: logits of scale 100 and log-sum-exps over thousands
         # of columns lose too much in bf16/fp16 (a peer pitfall: NaN after the first step).
         with torch.autocast(self.device.type, enabled=False):
-            return self.loss(emb.map(lambda t: t.float() if t.is_floating_point() else t))
+            try:
+                return self.loss(emb.map(lambda t: t.float() if t.is_floating_point() else t))
+            except NonFiniteError as e:
+                # the loss names the tensor; the user needs the step, the family and what to do
+                raise FloatingPointError(self._non_finite_message(f"non-finite features ({e})", batch, stage)) from e
+
+    def _non_finite_message(self, what: str, batch: Optional[dict], stage: str) -> str:
+        keys = list(((batch or {}).get("meta") or {}).get("key", []))[:4]
+        return (f"{stage} step at global step {self.global_step}, loss family {self.hparams.loss!r}: {what}"
+                + (f" (batch keys {keys}...)" if keys else "")
+                + f". Training diverged or the data holds such values: lower model.lr (now {self.hparams.lr:g}), "
+                "check the data (do these samples decode to sane images?), or use trainer.precision "
+                "bf16-mixed instead of 16-mixed")
 
     def _check_finite(self, out, batch: dict, stage: str) -> None:
         if not torch.isfinite(out.loss):
             # fail loudly instead of letting AdamW spread NaN through every weight
-            raise FloatingPointError(
-                f"{stage} loss is {float(out.loss)} at global step {self.global_step} (loss family "
-                f"{self.hparams.loss!r}, batch keys {list(batch.get('meta', {}).get('key', []))[:4]}...); "
-                "lower model.lr, check the inputs, or use precision bf16-mixed instead of 16-mixed")
+            raise FloatingPointError(self._non_finite_message(f"loss is {float(out.loss)}", batch, stage))
 
     def _loss(self, batch: dict, stage: str):
         emb = self(batch)
-        out = self._compute_loss(emb)
+        out = self._compute_loss(emb, batch, stage)
         self._check_finite(out, batch, stage)
         return emb, out
 
@@ -221,7 +252,7 @@ class ClipModule(L.LightningModule):
         fields = [f for f, v in vars(parts[0]).items() if v is not None]
         full = Embeddings(**{f: torch.cat([getattr(p, f) for p in parts]) for f in fields})
         leaves = full.map(lambda t: t.detach().requires_grad_() if t.is_floating_point() else t)
-        out = self._compute_loss(leaves)
+        out = self._compute_loss(leaves, cached[0][0], "train")
         self._check_finite(out, cached[0][0], "train")
         self._backward(out.loss)  # grads of the loss' own parameters and of the embedding leaves
         grads = {f: getattr(leaves, f).grad for f in fields if getattr(leaves, f).is_floating_point()}

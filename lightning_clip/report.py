@@ -75,6 +75,10 @@ METRICS = (
     Metric("variance/text/spearman_specificity", "ρ(text var, specificity)", 1, 3, True),
     Metric("variance/image/spearman_num_objects", "ρ(image var, objects)", 1, 3, True),
     Metric("variance/text/mean", "text var mean", 1, 4),
+    Metric("eval/zeroshot_classification/color_shape/top1", "zero-shot colour+shape", 100, 1, True),
+    Metric("eval/linear_probe/color_shape/top1", "probe colour+shape", 100, 1, True),
+    Metric("eval/embedding_geometry/modality_gap", "modality gap", 1, 3, True),
+    Metric("eval/embedding_geometry/uniformity_image", "uniformity (image)", 1, 2, True),
     Metric("train/loss", "train loss", 1, 3),
     Metric("temperature/scale", "scale", 1, 1),
     Metric("temperature/bias", "bias", 1, 2),
@@ -164,6 +168,10 @@ def load_metrics(ablation_dir: Path, cells: Sequence[str] | None = None) -> dict
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
             out[cell][seed] = {k: float(v) for k, v in raw.items()
                                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if (run_dir / "eval.json").exists():  # the evaluation suite's scalars (ablate runs it)
+                from lightning_clip.eval.records import read_flat
+
+                out[cell][seed].update(read_flat(run_dir / "eval.json"))
     return out
 
 

@@ -18,6 +18,12 @@ CASES = [
     ("probabilistic", {"mode": "proposal"}),
     ("probabilistic", {"mode": "gaussian"}),
     ("damsm", {}),
+    ("cyclip", {}),
+    ("hn_nce", {}),
+    ("cloob", {}),
+    ("pcmepp", {}),
+    ("pcmepp", {"vib_beta": 0.1}),
+    ("filip", {}),
 ]
 
 

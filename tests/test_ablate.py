@@ -316,17 +316,30 @@ def test_kill_9_of_the_runner_then_resume(project, capsys):
     cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\nfake: {sleep: 60}\n")
     runner = _start_runner(project)
     child = _wait_for_call(project, 1)
-    runner.kill()  # no chance to clean up: the child runs on, orphaned, in its own session
+    runner.kill()  # no chance to clean up; the child (own session) still gets its parent-death signal
     runner.communicate(timeout=30)
-    assert _alive(child["pid"])
+    deadline = time.monotonic() + 30  # a hang guard, not a timing: the sleep would last 60 s
+    while _alive(child["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child["pid"]), "the child of a runner killed with -9 dies with it, not orphaned"
 
     cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\n")
     assert ablate.main(["--seeds", "1"]) == 0
-    deadline = time.monotonic() + 10
-    while _alive(child["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(child["pid"]), "the orphan of the killed runner is stopped before its folder is redone"
     assert run_dirs(project) == ["toy/a/seed_0", "toy/b/seed_0"]
+    assert "redo toy/a seed 0: interrupted" in capsys.readouterr().out
+
+
+def test_an_orphan_left_running_is_stopped_before_its_folder_is_redone(project, capsys):
+    # the backstop where no parent-death signal exists: a training process of an earlier runner, still
+    # running, named in its folder's PID file
+    cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\n")
+    run_dir = Path("runs/toy/a/seed_0")
+    run_dir.mkdir(parents=True)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--run_dir={run_dir}"],
+                              start_new_session=True)
+    (run_dir / ablate.PID_FILE).write_text(f"{orphan.pid}\n")
+    assert ablate.main(["--seeds", "1"]) == 0
+    assert orphan.wait(timeout=30) == -signal.SIGKILL
     assert "redo toy/a seed 0: interrupted" in capsys.readouterr().out
 
 
@@ -360,3 +373,36 @@ def test_progress_line_and_eta():
     assert "[2/10 done, 8 left" in out and "running losses/nce seed 1 (0m1" in out
     # an event clears the status line, prints, and redraws it below
     assert out.index("\r\033[Kok     losses/dcl seed 0\n") < out.rindex("running losses/nce")
+
+
+# ------------------------------------------------------------------------------------ evaluation suite
+def test_finished_runs_get_evaluated_once_and_copies_share_their_originals_eval(project, monkeypatch):
+    cell(project, "zz_other", "a", "# the same reference\n# @baseline\nmodel: {loss: infonce}\n")
+    assert ablate.main(["--seeds", "1", "--ablation", "toy", "zz_other"]) == 0  # the fake skips eval
+    evaluated = []
+
+    def fake_evaluate(todo, jobs, quick):
+        for run in todo:
+            evaluated.append(str(run.run_dir))
+            (run.run_dir / ablate.EVAL_FILE).write_text(json.dumps([{"run": str(run.run_dir)}]))
+        return []
+
+    monkeypatch.setattr(ablate, "_evaluate", fake_evaluate)
+    ablation = [ablate.load_ablation(n) for n in ("toy", "zz_other")]
+    runs = [r for a in ablation for r in ablate.plan_runs(a, [0], Path("runs"))]
+    assert ablate.evaluate_runs(runs) == []
+    # the copy (zz_other/a) is not evaluated itself: its original is, once, and the file is shared
+    assert sorted(evaluated) == ["runs/toy/a/seed_0", "runs/toy/b/seed_0"]
+    copied = json.loads((project / "runs/zz_other/a/seed_0" / ablate.EVAL_FILE).read_text())
+    assert copied == [{"run": "runs/toy/a/seed_0"}]
+    evaluated.clear()
+    assert ablate.evaluate_runs(runs) == [] and evaluated == []  # nothing left to do
+
+
+def test_a_failed_evaluation_is_reported_with_its_log(project, monkeypatch):
+    assert ablate.main(["--seeds", "1", "--ablation", "toy"]) == 0
+    runs = ablate.plan_runs(ablate.load_ablation("toy"), [0], Path("runs"))
+    # the real command on a fake run (no checkpoint): it must fail, and say where to look
+    problems = ablate._evaluate(runs[:1], jobs=1, quick=True)
+    assert len(problems) == 1 and "eval of toy/a seed 0 failed" in problems[0] and "eval.log" in problems[0]
+    assert "no checkpoint" in (project / "runs/toy/a/seed_0" / ablate.EVAL_LOG).read_text()

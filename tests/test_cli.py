@@ -14,7 +14,8 @@ from lightning_clip.module import ClipModule
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "base.yaml"
-CELLS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p != BASE)
+# experiments/executors/ holds the ablation runner's executor options, not training configs
+CELLS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p != BASE and "executors" not in p.parts)
 
 
 class ParseOnlyCLI(ClipCLI):
@@ -52,3 +53,13 @@ def test_unknown_loss_name_lists_choices(tmp_path):
     cfg = parse("--config", str(BASE), "--model.loss=clip_typo")
     with pytest.raises(ValueError, match="registered losses: .*infonce"):
         build_loss(cfg.model.loss, **(cfg.model.loss_args or {}))
+
+
+def test_args_from_python_raise_no_lightning_warning_about_sys_argv(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr("sys.argv", ["pytest", "-q", "tests/"])  # a caller's own options, as under pytest
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parse("--config", str(BASE))
+    assert not [w for w in caught if "args parameter" in str(w.message)], [str(w.message) for w in caught]

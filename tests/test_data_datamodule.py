@@ -108,16 +108,43 @@ def test_caption_batching_repeats_images_with_shared_groups(world):
         assert torch.equal(b["meta"]["image_group"][sel], b["meta"]["text_group"][sel])
 
 
-def test_generate_option_builds_the_world_before_setup(tmp_path):
+def test_generate_option_builds_the_world_before_setup(tmp_path, capsys):
     root = tmp_path / "gen"
     dm = ClipDataModule(str(root / "train"), str(root / "val"), batch_size=4, num_workers=0, epoch_length=8,
-                        generate={"seed": 1, "num_train": 12, "num_val": 4, "image_size": 32}, image_size=32)
+                        generate={"root": str(root), "seed": 1, "num_train": 12, "num_val": 4, "image_size": 32},
+                        image_size=32)
     assert dm.vocab_size == len(syn.vocabulary()) + 4 and not root.exists()
     dm.setup("fit")
+    assert f"data: {root} is absent; generating the synthetic world there" in capsys.readouterr().out
     assert (root / "tokenizer.json").is_file() and len(expand_shards(str(root / "val"))) == 4
     assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 32, 32)
-    with pytest.raises(ValueError, match="<root>/train"):
-        ClipDataModule(str(tmp_path / "a/tr"), str(tmp_path / "a/val"), generate={"num_train": 4})
+    # without a root, only the default location (base.yaml's data/synthetic48) is ever generated
+    with pytest.raises(FileNotFoundError, match=r"a/train.*matches no shard"):
+        ClipDataModule(str(tmp_path / "a/train"), str(tmp_path / "a/val"), generate={"num_train": 4})
+    assert not (tmp_path / "a").exists()
+
+
+def test_generate_never_builds_where_the_shards_point_elsewhere(tmp_path):
+    # a typo in the shard path: an error that names it and says how to build shards, and nothing written
+    gen = {"root": str(tmp_path / "synthetic48"), "seed": 1, "num_train": 12, "num_val": 4, "image_size": 32}
+    typo = tmp_path / "synthetc48"
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*synthetc48/train.*matches no shard.*"
+                                                r"lightning_clip.data.convert.*make data"):
+        ClipDataModule(str(typo / "train"), str(typo / "val"), num_workers=0, generate=gen)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_the_real_data_config_never_generates(tmp_path):
+    # base.yaml's generate block is on; the Flickr8k delta over it must read its shards or fail
+    from test_cli import BASE, parse
+
+    missing = tmp_path / "flickr8k-96"
+    cfg = parse("--config", str(BASE), "--config", str(BASE.parent / "real" / "flickr8k.yaml"),
+                f"--data.train_shards={missing}/train", f"--data.val_shards={missing}/val")
+    assert cfg.data.generate is None
+    with pytest.raises(FileNotFoundError, match=r"flickr8k-96/train.*lightning_clip.data.convert flickr"):
+        ClipDataModule(**{**cfg.data.as_dict(), "num_workers": 0})
+    assert not missing.exists()
 
 
 def test_pattern_matching_nothing_fails_with_the_pattern(world, tmp_path):
@@ -275,3 +302,126 @@ def test_prefetch_thread_stops_mid_epoch_and_reraises_loader_errors():
     endless.close()  # returns although the source never ends
     assert not endless._thread.is_alive()
     assert list(_ThreadedIterator(iter(range(5)))) == [0, 1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------ no endless spin
+def test_training_stream_with_no_sample_fails_naming_the_shards(tmp_path, tok):
+    # one empty shard and one whose every sample is bad: a full pass yields nothing
+    d = tmp_path / "barren"
+    d.mkdir()
+    _write(d / "e-000000.tar", {})
+    _write(d / "e-000001.tar", {"k0": BAD["undecodable"][0], "k1": BAD["nocaption"][0]})
+    from lightning_clip.data.datamodule import EmptyStreamError
+
+    dm = ClipDataModule(str(d), str(d), batch_size=2, num_workers=0, epoch_length=4, tokenizer=tok)
+    dm.setup("fit")
+    with pytest.warns(DataWarning), pytest.raises(EmptyStreamError,
+                                                  match=r"data.train_shards.*2 shard.*e-000000.tar.*e-000001.tar"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_prefetch_thread_wait_ends_when_the_trainer_got_sigterm():
+    import threading
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from lightning_clip.data.datamodule import _ThreadedIterator
+
+    never = threading.Event()
+
+    def stuck():  # a loader that never delivers a batch
+        never.wait()
+        yield 1
+
+    flag = {"sigterm": False}
+    it = _ThreadedIterator(stuck(), stop_requested=lambda: flag["sigterm"])
+    flag["sigterm"] = True
+    with pytest.raises(SIGTERMException):
+        next(it)
+    never.set()
+
+
+def test_validation_set_with_no_sample_fails_naming_the_shards(tmp_path, world, tok):
+    from lightning_clip.data.datamodule import EmptyStreamError
+
+    d = tmp_path / "emptyval"
+    d.mkdir()
+    _write(d / "v-000000.tar", {})
+    _write(d / "v-000001.tar", {"k0": BAD["badjson"][0]})
+    import warnings
+
+    for workers in (0, 2):
+        dm = ClipDataModule(str(world / "train"), str(d), batch_size=2, num_workers=workers, tokenizer=tok)
+        dm.setup("validate")
+        with warnings.catch_warnings(), pytest.raises(EmptyStreamError,
+                                                      match=r"data.val_shards.*v-000000.tar.*v-000001.tar"):
+            warnings.simplefilter("ignore", DataWarning)  # the bad sample's own warning (tested elsewhere)
+            list(dm.val_dataloader())
+        assert dm.skipped == 1
+
+
+WRONG_TYPES = {
+    "capstring": ({"all_captions": "a red square"}, "all_captions must be a list of strings, got str"),
+    "capnumbers": ({"all_captions": ["a red square", 3]}, "all_captions must be a list of strings"),
+    "captionlist": ({"caption": ["a red square"]}, "caption must be a string, got list"),
+    "infostrings": ({"all_captions": ["a red square"], "captions": ["a red square"]},
+                    "captions must be a list of objects"),
+    "infolevel": ({"all_captions": ["a"], "captions": [{"level": "1", "constraints": {"objects": []}}]},
+                  r"captions\[0\].level must be an integer"),
+    "infolength": ({"all_captions": ["a", "b"], "captions": [{"level": 1, "constraints": {"objects": []}}]},
+                   "captions has 1 entries for 2 all_captions"),
+    "scenelist": ({"all_captions": ["a red square"], "scene": []}, "scene must be an object"),
+}
+
+
+@pytest.mark.parametrize("key", WRONG_TYPES)
+def test_wrong_types_in_key_json_are_skipped_counted_or_raised(tmp_path, tok, key):
+    meta, reason = WRONG_TYPES[key]
+    _write(tmp_path / "s.tar", {"k0": {"jpg": None, "txt": b"a red square"},
+                                key: {"jpg": None, "json": json.dumps(meta).encode()}})
+    with pytest.warns(DataWarning, match=rf"s.tar, key {key}: wrong type in KEY.json: {reason}"):
+        dm, keys = _read_all(tmp_path, tokenizer=tok)
+    assert keys == ["k0#0"] and dm.skipped == 1
+    with pytest.raises(BadSampleError, match=rf"s.tar, key {key}: wrong type in KEY.json: {reason}.*strict"):
+        _read_all(tmp_path, tokenizer=tok, strict=True)
+
+
+def test_a_cut_tar_counts_the_samples_it_lost(tmp_path, tok):
+    good = {"jpg": None, "txt": b"a red square"}
+    _write(tmp_path / "a-000000.tar", {f"w{i}": good for i in range(6)})
+    _write(tmp_path / "a-000001.tar", {f"c{i}": good for i in range(6)})
+    raw = (tmp_path / "a-000001.tar").read_bytes()
+    per_sample = raw.index(b"c1.jpg") - raw.index(b"c0.jpg")  # header to header
+    (tmp_path / "a-000001.tar").write_bytes(raw[:int(2.5 * per_sample)])  # half of it: c2 cut, c3..c5 gone
+    # c0 is delivered; c1 is still being grouped when c2's member breaks off, so c1..c5 are lost: 5, not 1
+    with pytest.warns(DataWarning, match=r"a-000001.tar, key c1: truncated.*read 1 sample\(s\).*lost 5"):
+        dm, keys = _read_all(tmp_path, tokenizer=tok)
+    assert len(keys) == 6 + 1 and dm.skipped == 5
+
+
+def test_a_corrupt_header_counts_the_samples_after_it(tmp_path, tok):
+    good = {"jpg": None, "txt": b"a red square"}
+    _write(tmp_path / "s.tar", {f"k{i}": good for i in range(6)})
+    raw = bytearray((tmp_path / "s.tar").read_bytes())
+    at = raw.index(b"k2.txt")
+    raw[at:at + 6] = b"XXXXXX"  # k2.txt's header fails its checksum; k3..k5 are intact past it
+    (tmp_path / "s.tar").write_bytes(bytes(raw))
+    with pytest.warns(DataWarning, match=r"s.tar, key k2: truncated or corrupt.*lost 4.*3 found past the damage"):
+        dm, keys = _read_all(tmp_path, tokenizer=tok)
+    assert keys == ["k0#0", "k1#0"] and dm.skipped == 4
+
+
+def test_caption_filters_that_allow_no_caption_fail_instead_of_spinning(tmp_path, tok):
+    from lightning_clip.data.datamodule import EmptyStreamError
+
+    meta = {"all_captions": ["a red thing"], "captions": [{"level": 1, "constraints": {"objects": [{"color": "red"}]}}],
+            "scene": {"objects": []}}
+    _write(tmp_path / "s.tar", {f"k{i}": {"jpg": None, "json": json.dumps(meta).encode()} for i in range(3)})
+    kw = dict(batch_size=2, num_workers=0, epoch_length=4, tokenizer=tok, caption_levels=[4], image_size=16)
+    dm = ClipDataModule(str(tmp_path), str(tmp_path), batching="caption", **kw)
+    dm.setup("fit")
+    with pytest.raises(EmptyStreamError, match=r"s.tar.*widen data.caption_levels=\[4\]"):
+        next(iter(dm.train_dataloader()))
+    # image batching falls back to every caption of the image: the same shards train
+    dm = ClipDataModule(str(tmp_path), str(tmp_path), batching="image", **kw)
+    dm.setup("fit")
+    assert len(next(iter(dm.train_dataloader()))["meta"]["key"]) == 2

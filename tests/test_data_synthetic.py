@@ -160,3 +160,28 @@ def test_cli_writes_splits_and_tokenizer(tmp_path, capsys):
     assert (tmp_path / "w/tokenizer.json").is_file()
     s = _samples(tmp_path / "w/train")
     assert len(s) == 12 and len(_samples(tmp_path / "w/val")) == 4
+
+
+# ------------------------------------------------------------------------------------------ test split
+def test_test_split_is_held_out_and_leaves_train_and_val_unchanged(tmp_path):
+    kw = dict(num_train=20, num_val=6, seed=5)
+    with_test = syn.generate(tmp_path / "a", num_test=6, **kw)
+    without = syn.generate(tmp_path / "b", num_test=0, **kw)
+    a, b = _digest(with_test), _digest(without)
+    assert "test/shard-000000.tar" in a and not any(k.startswith("test/") for k in b)
+    for split in ("train", "val"):  # adding a test split changes no byte of the others
+        assert {k: v for k, v in a.items() if k.startswith(split)} == {k: v for k, v in b.items() if k.startswith(split)}
+    ids = lambda split: {json.loads(s["json"])["image_id"] for s in _samples(with_test / split)}  # noqa: E731
+    assert len(ids("test")) == 6 and not ids("test") & (ids("val") | ids("train"))
+
+
+def test_a_world_without_a_test_split_gets_the_one_a_fresh_world_would_have(tmp_path):
+    kw = dict(num_train=12, num_val=4, seed=2, image_size=32)
+    old = syn.ensure_generated(tmp_path / "old", num_test=0, **kw)
+    fresh = syn.ensure_generated(tmp_path / "fresh", num_test=5, **kw)
+    assert not (old / "test").exists()
+    syn.ensure_test_split(old, num_test=5)
+    assert _digest(old / "test") == _digest(fresh / "test")
+    assert json.loads((old / "generator.json").read_text())["num_test"] == 5
+    with pytest.raises(FileNotFoundError, match="no generator.json"):
+        syn.ensure_test_split(tmp_path / "nothing-here" if (tmp_path / "nothing-here").mkdir() is None else None)

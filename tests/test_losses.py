@@ -16,7 +16,8 @@ from lightning_clip.losses.nce import sample_negatives
 from lightning_clip.losses.probabilistic import LN_STD_MAX, LN_STD_MIN
 from lightning_clip.outputs import Embeddings
 
-ALL_NAMES = {"infonce", "siglip", "soft_targets", "multi_positive", "nce", "dcl", "probabilistic", "damsm"}
+ALL_NAMES = {"infonce", "siglip", "soft_targets", "multi_positive", "nce", "dcl", "probabilistic", "damsm",
+             "cyclip", "hn_nce", "cloob", "pcmepp", "filip"}
 
 
 def build(case, dtype=torch.float64):
@@ -73,6 +74,8 @@ def brute_force(name: str, kwargs: dict, emb: Embeddings, module) -> float:
         return (sum(i2t) + sum(t2i)) / (2 * n)
     if name == "damsm":
         return brute_damsm(emb, module)
+    if name in BRUTE_RECENT:
+        return BRUTE_RECENT[name](emb, module)
     img, txt = unit(img), unit(txt)
     z = [[s * dot(img[i], txt[j]) + b for j in range(n)] for i in range(n)]  # [image i][text j]
     zt = [[z[i][j] for i in range(n)] for j in range(n)]                     # [text j][image i]
@@ -144,6 +147,111 @@ def brute_damsm(emb: Embeddings, module) -> float:
     return total
 
 
+# -- the five later families (cyclip, hn_nce, cloob, pcmepp, filip), each straight from its formula ------
+def _ce_rows(rows):
+    return sum(lse(r) - r[i] for i, r in enumerate(rows))
+
+
+def brute_cyclip(emb, module):
+    img, txt = unit(emb.image.tolist()), unit(emb.text.tolist())
+    n, s = len(img), module.logit_scale.item()
+    z = [[s * dot(img[i], txt[j]) for j in range(n)] for i in range(n)]
+    zt = [[z[i][j] for i in range(n)] for j in range(n)]
+    ce = (_ce_rows(z) + _ce_rows(zt)) / (2 * n)
+    in_modal = sum((dot(img[j], img[k]) - dot(txt[j], txt[k])) ** 2 for j in range(n) for k in range(n)) / n
+    cross = sum((dot(img[j], txt[k]) - dot(img[k], txt[j])) ** 2 for j in range(n) for k in range(n)) / n
+    return ce + module.lambda_in * in_modal + module.lambda_cross * cross
+
+
+def brute_hn_nce(emb, module):
+    img, txt = unit(emb.image.tolist()), unit(emb.text.tolist())
+    n, s, alpha, beta = len(img), module.logit_scale.item(), module.alpha, module.beta
+    z = [[s * dot(img[i], txt[j]) for j in range(n)] for i in range(n)]
+    zt = [[z[i][j] for i in range(n)] for j in range(n)]
+    total = 0.0
+    for rows in (z, zt):
+        for i in range(n):
+            others = [j for j in range(n) if j != i]
+            norm = sum(math.exp(beta * rows[i][k]) for k in others)
+            denom = alpha * math.exp(rows[i][i]) + sum(
+                (n - 1) * math.exp(beta * rows[i][j]) / norm * math.exp(rows[i][j]) for j in others)
+            total += -math.log(math.exp(rows[i][i]) / denom)
+    return total / (2 * n)
+
+
+def brute_cloob(emb, module):
+    img, txt = unit(emb.image.tolist()), unit(emb.text.tolist())
+    n, inv_tau, beta = len(img), module.logit_scale.item(), module.hopfield_beta
+
+    def retrieve(queries, memory):
+        out = []
+        for q in queries:
+            w = [math.exp(beta * dot(q, m)) for m in memory]
+            v = [sum(w[j] * memory[j][d] for j in range(n)) / sum(w) for d in range(len(q))]
+            out.append(unit([v])[0])
+        return out
+
+    def info_loob(a, b):
+        total = 0.0
+        for i in range(n):
+            neg = [inv_tau * dot(a[i], b[j]) for j in range(n) if j != i]
+            total += -inv_tau * dot(a[i], b[i]) + (lse(neg) if neg else 0.0)
+        return total / n / inv_tau
+
+    return (info_loob(retrieve(img, img), retrieve(txt, img))
+            + info_loob(retrieve(txt, txt), retrieve(img, txt)))
+
+
+def brute_pcmepp(emb, module, image_ln_std=None, text_ln_std=None):
+    img, txt = emb.image.tolist(), emb.text.tolist()
+    if module.normalize:
+        img, txt = unit(img), unit(txt)
+    n, dim = len(img), len(img[0])
+    a, b = module.a.item(), module.b.item()
+
+    def per_dim(ln_std):  # [N] isotropic or [N, D]; clamped like the module
+        rows = [[v] * dim if not isinstance(v, list) else v for v in ln_std.tolist()]
+        return [[min(max(x, LN_STD_MIN), LN_STD_MAX) for x in r] for r in rows]
+
+    ils = per_dim(emb.image_ln_std if image_ln_std is None else image_ln_std)
+    tls = per_dim(emb.text_ln_std if text_ln_std is None else text_ln_std)
+    bce = 0.0
+    for i in range(n):
+        for j in range(n):
+            d = sum((x - y) ** 2 for x, y in zip(img[i], txt[j])) + sum(math.exp(2 * v) for v in ils[i] + tls[j])
+            logit = -a * d + b
+            bce += softplus(-logit) if i == j else softplus(logit)
+
+    def kl(mu, ln_std):
+        return sum(0.5 * sum(m * m + math.exp(2 * v) - 1 - 2 * v for m, v in zip(mu[i], ln_std[i]))
+                   for i in range(n)) / n
+
+    return bce / n ** 2 + module.vib_beta * (kl(img, ils) + kl(txt, tls)) / 2
+
+
+def brute_filip(emb, module, region_mask=None):
+    regions = [unit(r) for r in emb.regions.tolist()]
+    words = [unit(w) for w in emb.words.tolist()]
+    wmask = emb.word_mask.tolist()
+    rmask = region_mask.tolist() if region_mask is not None else [[True] * len(regions[0])] * len(regions)
+    n, s = len(regions), module.logit_scale.item()
+    s_img = [[0.0] * n for _ in range(n)]
+    s_txt = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        ks = [k for k in range(len(regions[i])) if rmask[i][k]]
+        for j in range(n):
+            rs = [r for r in range(len(words[j])) if wmask[j][r]]
+            s_img[i][j] = sum(max(dot(regions[i][k], words[j][r]) for r in rs) for k in ks) / len(ks)
+            s_txt[i][j] = sum(max(dot(regions[i][k], words[j][r]) for k in ks) for r in rs) / len(rs)
+    z = [[s * s_img[i][j] for j in range(n)] for i in range(n)]                 # image i over captions j
+    zt = [[s * s_txt[i][j] for i in range(n)] for j in range(n)]                # caption j over images i
+    return (_ce_rows(z) + _ce_rows(zt)) / (2 * n)
+
+
+BRUTE_RECENT = {"cyclip": brute_cyclip, "hn_nce": brute_hn_nce, "cloob": brute_cloob, "pcmepp": brute_pcmepp,
+                "filip": brute_filip}
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_vectorised_equals_brute_force(case, n):
@@ -189,6 +297,22 @@ GRADCHECKS = {
                            lambda reg, w, i, t: LF.damsm(reg, None, w, torch.tensor(
                                [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool),
                                image=i, text=t)),
+    "cyclip": lambda r, g: ((r(4, 3), r(4, 3), r(())),
+                            lambda i, t, ls: LF.cyclip(i, t, ls.exp(), lambda_in=0.3, lambda_cross=0.7)),
+    "hn_nce": lambda r, g: ((r(4, 3), r(4, 3), r(())),
+                            lambda i, t, ls: LF.hn_nce(i, t, ls.exp(), alpha=0.8, beta=0.5)),
+    "cloob": lambda r, g: ((r(4, 3), r(4, 3), r(())),
+                           lambda i, t, ls: LF.cloob(i, t, 3 * ls.exp(), hopfield_beta=2.0)),
+    "pcmepp-isotropic": lambda r, g: ((r(4, 3), r(4, 3), r(4) / 4, r(4) / 4, r(()), r(())),
+                                      lambda i, t, si, st, a, b: LF.pcmepp(i, t, si, st, a, b, vib_beta=0.3)),
+    "pcmepp-per_dim": lambda r, g: ((r(4, 3), r(4, 3), r(4, 3) / 4, r(4, 3) / 4, r(()), r(())),
+                                    lambda i, t, si, st, a, b: LF.pcmepp(i, t, si, st, a, b, vib_beta=0.3)),
+    "filip": lambda r, g: ((r(3, 4, 3), r(3, 5, 3), r(())),
+                           lambda x, y, ls: LF.filip(x, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]],
+                                                                     dtype=torch.bool),
+                                                     y, torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1],
+                                                                      [1, 1, 1, 0, 0]], dtype=torch.bool),
+                                                     ls.exp())),
 }
 
 
@@ -381,6 +505,8 @@ def test_degenerate_input_raises_a_clear_error(case, kind):
     (lambda i, t: LF.nce(i, t, 2.0, num_negatives=2), ()),
     (lambda i, t: LF.multi_positive(i, t, 2.0, torch.arange(3), torch.arange(3)), ()),
     (lambda i, t: LF.probabilistic(i, t, torch.zeros(3), torch.zeros(3)), ()),
+    (LF.cyclip, (2.0,)), (LF.hn_nce, (2.0,)), (LF.cloob, ()),
+    (lambda i, t: LF.pcmepp(i, t, torch.zeros(3), torch.zeros(3), 5.0, 5.0), ()),
 ])
 def test_functional_rejects_nan_and_mismatched_shapes(fn, args):
     good = torch.randn(3, 4)
@@ -421,9 +547,12 @@ def test_unknown_loss_name_lists_every_registered_family():
 EXPECTED_TERMS = {"infonce": {"i2t", "t2i"}, "siglip": {"positive", "negative"}, "soft_targets": {"i2t", "t2i"},
                   "multi_positive": {"i2t", "t2i", "positives"}, "nce": {"i2t", "t2i"}, "dcl": {"i2t", "t2i"},
                   "probabilistic": {"i2t", "t2i", "image_ln_std", "text_ln_std"},
-                  "damsm": {"sentence", "word"}}
+                  "damsm": {"sentence", "word"}, "cyclip": {"i2t", "t2i", "in_modal", "cross_modal"},
+                  "hn_nce": {"i2t", "t2i"}, "cloob": {"i2t", "t2i"}, "filip": {"i2t", "t2i"},
+                  "pcmepp": {"bce", "vib", "image_ln_std", "text_ln_std"}}
 EXPECTED_NEEDS = {"multi_positive": {"groups"}, "probabilistic": {"image_ln_std", "text_ln_std"},
-                  "damsm": {"regions", "words"}}
+                  "damsm": {"regions", "words"}, "pcmepp": {"image_ln_std", "text_ln_std"},
+                  "filip": {"regions", "words"}}
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -435,13 +564,18 @@ def test_module_terms_needs_and_defaults(case):
     assert out.loss.dim() == 0 and all(t.dim() == 0 for t in out.terms.values())
     assert set(module.needs) == EXPECTED_NEEDS.get(name, set())
     scalars = module.scalars()
-    defaults = {"infonce": 1 / 0.07, "dcl": 1 / 0.07, "multi_positive": 1 / 0.07, "siglip": 10.0, "nce": 10.0}
+    defaults = {"infonce": 1 / 0.07, "dcl": 1 / 0.07, "multi_positive": 1 / 0.07, "siglip": 10.0, "nce": 10.0,
+                "cyclip": 1 / 0.07, "hn_nce": 1 / 0.07, "filip": 1 / 0.07, "cloob": 30.0, "pcmepp": 5.0}
     if name in defaults:
         assert scalars["scale"] == pytest.approx(defaults[name], rel=1e-6)
     if name == "siglip":
         assert scalars["bias"] == pytest.approx(-10.0)
     if name == "nce":
         assert scalars["bias"] == pytest.approx(-math.log(3))
+    if name == "pcmepp":
+        assert (scalars["a"], scalars["b"]) == (5.0, 5.0)
+    if name == "cloob":  # the paper's fixed 1/tau
+        assert not module.log_scale.requires_grad
 
 
 def test_damsm_defaults_and_padding_is_ignored():

@@ -226,3 +226,20 @@ def test_gaussian_dims_gradcheck_float64():
 def test_gaussian_dims_errors_name_the_option(kw, message):
     with pytest.raises(ValueError, match=message):
         build_loss("probabilistic", **kw)
+
+
+@pytest.mark.parametrize("family", ["infonce", "siglip", "dcl"])
+@pytest.mark.parametrize("scale, learn", [(1e6, False), (0.5, False), (1e6, True)])
+def test_scale_outside_the_clamp_range_is_an_error_not_a_silent_clamp(family, scale, learn):
+    from lightning_clip.losses import build_loss
+
+    import re
+
+    with pytest.raises(ValueError, match=rf"model.loss_args.init_scale={re.escape(f'{scale:g}')} is outside the scale range "
+                                         rf"\[1, 100\].*learn_scale={learn}"):
+        build_loss(family, init_scale=scale, learn_scale=learn)
+    # the ends of the range are honoured as given
+    for ok in (1.0, 100.0):
+        loss = build_loss(family, init_scale=ok, learn_scale=learn)
+        loss.clamp_()
+        assert loss.scalars()["scale"] == pytest.approx(ok)

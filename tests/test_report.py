@@ -420,3 +420,20 @@ def test_welch_difference_against_scipy_and_the_budget_table():
     assert [r["cell"] for r in rows] == ["infonce"]  # dcl has no default-budget runs
     text = format_budget(rows, "losses", keys=["val/t2i/R@1"])
     assert "| `infonce` | 86.3 ± " in text and f"{100 * d.mean:+.1f} [" in text
+
+
+def test_eval_json_scalars_become_table_columns(tmp_path):
+    from lightning_clip.eval.records import record
+
+    make_fake_ablation(tmp_path, events=False)
+    for seed in (0, 1, 2):
+        for cell, acc in (("infonce", 0.5), ("siglip", 0.7), ("dcl", 0.5)):
+            recs = [record("w/val/color_shape", "zeroshot_classification", {"top1": acc + 0.01 * seed}),
+                    record("w/val", "embedding_geometry", {"modality_gap": 0.3, "uniformity_image": -2.0})]
+            (tmp_path / "losses" / cell / f"seed_{seed}" / "eval.json").write_text(json.dumps(recs))
+    metrics = report.load_metrics(tmp_path / "losses")
+    assert metrics["siglip"][1]["eval/zeroshot_classification/color_shape/top1"] == pytest.approx(0.71)
+    md = report.write_report("losses", runs_dir=tmp_path, results_dir=tmp_path / "results")["md"].read_text()
+    assert "zero-shot colour+shape" in md and "modality gap" in md
+    # siglip's +20 points on every seed is a paired difference with an interval that excludes zero
+    assert "+20.0" in md

@@ -6,8 +6,8 @@ import random
 import pytest
 
 from lightning_clip.data import synthetic as syn
-from lightning_clip.models.tokenizer import (SPECIAL_TOKENS, load_tokenizer, synthetic_tokenizer,
-                                             train_wordpiece)
+from lightning_clip.data.synthetic import synthetic_tokenizer
+from lightning_clip.models.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_wordpiece
 
 
 def test_synthetic_tokenizer_has_one_token_per_word():
@@ -55,3 +55,17 @@ def test_unknown_name_fails_with_the_option(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="data.tokenizer='no-such/tokenizer-xyz'"):
         load_tokenizer("no-such/tokenizer-xyz")
+
+
+def test_the_tokenizer_module_imports_nothing_of_the_data_package():
+    # the one import circle (data.synthetic -> models.tokenizer -> data.synthetic) stays cut: the world
+    # hands its vocabulary to the tokenizer, never the other way round
+    import ast
+    import inspect
+
+    from lightning_clip.models import tokenizer
+
+    tree = ast.parse(inspect.getsource(tokenizer))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("lightning_clip.data")], imported

@@ -4,15 +4,16 @@ semantic recall@k on the synthetic world.
 Reads what `ClipModule.validation_step` returns: ``{"emb": Embeddings, "meta": batch["meta"]}``. Every
 rank's embeddings are gathered by `RetrievalMetric` (torchmetrics list states), so the values are global
 and logged with ``sync_dist=False``. Ranking uses ``pl_module.loss.similarity``: cosine for most families,
-the family's own likelihood score for those that override it (probabilistic), so each family is ranked by
-the match it was trained for.
+the family's own likelihood score for those that override it (probabilistic, pcmepp), or token-wise scores
+on the per-item tensors the family asks to keep (``loss.retrieval_inputs``: filip's tokens), so each family
+is ranked by the match it was trained for.
 
 Semantic relevance needs each image's scene and each caption's constraints (synthetic data only): they are
 collected per id here, gathered across ranks as python objects, and turned into a relevance matrix by
 `lightning_clip.data.synthetic.relevance_matrix`. Real data has ``None`` there and gets no semantic keys.
 
 With the relevance the callback also logs the oracle ceiling, ``val/ceiling/{t2i,i2t}/R@1``
-(`lightning_clip.metrics.oracle_ceiling`): the expected R@1 of the relevance oracle used as a scorer (a
+(`lightning_clip.eval.retrieval.oracle_ceiling`): the expected R@1 of the relevance oracle used as a scorer (a
 caption counts more the fewer images it fits; ties broken at random), i.e. what the vague captions leave
 reachable. It is constant for a validation set and costs two reductions
 over the relevance matrix (2,500 x 500 on the default world), so it is simply recomputed each epoch.
@@ -26,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_clip.metrics import DEFAULT_CHUNK, DEFAULT_KS, RetrievalMetric, RetrievalResult, oracle_ceiling
+from lightning_clip.eval.retrieval import (DEFAULT_CHUNK, DEFAULT_KS, RetrievalMetric, RetrievalResult, caption_ids,
+                                          oracle_ceiling)
 
 IMAGE_EXTRAS = ("num_objects",)
 TEXT_EXTRAS = ("specificity",)
@@ -34,21 +36,6 @@ TEXT_EXTRAS = ("specificity",)
 
 def _as_long(value: Any, n: int, device) -> Tensor:
     return torch.as_tensor(value, dtype=torch.long, device=device).reshape(n)
-
-
-def caption_ids(meta: dict, n: int) -> Tensor:
-    """One id per caption item: the data's own ``text_id`` when it has one, else a process-independent hash
-    of (sample key, caption text). Equal (image_id, caption id) pairs are one item (distributed padding)."""
-    if meta.get("text_id") is not None:
-        return _as_long(meta["text_id"], n, "cpu")
-    keys, captions = meta.get("key"), meta.get("caption")
-    if keys is None and captions is None:
-        raise KeyError("retrieval needs meta['text_id'], meta['key'] or meta['caption'] to tell caption items apart")
-    from lightning_clip.data.synthetic import stable_id  # the project's one cross-process string hash
-
-    keys = keys if keys is not None else [""] * n
-    captions = captions if captions is not None else [""] * n
-    return torch.tensor([stable_id(f"{k}\x1f{c}") for k, c in zip(keys, captions)], dtype=torch.long)
 
 
 def _gather_objects(local: dict) -> dict:
@@ -101,7 +88,10 @@ class RetrievalCallback(L.Callback):
         text_id = caption_ids(meta, n).to(device)
         extras = {f"image_{e}": _as_long(meta[e], n, device) for e in IMAGE_EXTRAS if meta.get(e) is not None}
         extras.update({f"text_{e}": _as_long(meta[e], n, device) for e in TEXT_EXTRAS if meta.get(e) is not None})
-        self.metric.update(emb.image, emb.text, image_id, text_id, image_ln_std=emb.image_ln_std,
+        # what the loss family ranks by: the pooled embeddings, or its own per-item inputs (filip's tokens)
+        loss = getattr(pl_module, "loss", None)
+        image, text = loss.retrieval_inputs(emb) if hasattr(loss, "retrieval_inputs") else (emb.image, emb.text)
+        self.metric.update(image, text, image_id, text_id, image_ln_std=emb.image_ln_std,
                            text_ln_std=emb.text_ln_std, **extras)
         scenes, constraints = meta.get("scene"), meta.get("constraints")
         for i in range(n):

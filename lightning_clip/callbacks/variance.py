@@ -24,32 +24,12 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-from torchmetrics.functional import spearman_corrcoef
 
 from lightning_clip.callbacks.retrieval import RetrievalCallback
+from lightning_clip.eval.calibration import recall_at_1_by_bin, spearman
 
 VARIANCE_FIELDS = frozenset({"image_ln_std", "text_ln_std"})
 NUM_BINS = 10
-
-
-def spearman(x: Tensor, y: Tensor) -> Optional[Tensor]:
-    """Spearman's rho over the pairs where ``y >= 0`` (-1 marks unknown); None when undefined (fewer than
-    two pairs, or one side constant)."""
-    keep = y >= 0
-    x, y = x[keep].float(), y[keep].float()
-    if x.numel() < 2 or bool((x == x[0]).all()) or bool((y == y[0]).all()):
-        return None
-    return spearman_corrcoef(x, y)
-
-
-def recall_at_1_by_bin(values: Tensor, ranks: Tensor, bins: int = NUM_BINS) -> dict[int, Tensor]:
-    """R@1 of the items in each equal-count bin of ``values`` (1 = smallest values). Empty bins (fewer
-    items than bins) are left out."""
-    order = torch.argsort(values, stable=True)
-    bin_of = torch.empty_like(order)
-    bin_of[order] = torch.arange(values.numel(), device=values.device) * bins // max(values.numel(), 1)
-    hit = (ranks <= 1).float()
-    return {int(b) + 1: hit[bin_of == b].mean() for b in torch.unique(bin_of)}
 
 
 class VarianceCallback(L.Callback):

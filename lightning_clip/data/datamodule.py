@@ -39,6 +39,20 @@ EPOCH_LENGTH = 20000
 #: the synthetic world's caption specificity levels (`lightning_clip.data.synthetic.LEVEL_ATTRIBUTES`)
 CAPTION_LEVELS = (1, 2, 3, 4)
 CAPTION_OBJECTS = (1, 2, 3)  # a caption describes 1..MAX_OBJECTS objects of its scene
+# Where `data.generate` may build the synthetic world when its options name no root: base.yaml's shards
+# (and `make data`'s output). Shards pointed anywhere else are never generated.
+DEFAULT_GENERATE_ROOT = "data/synthetic48"
+
+
+class EmptyStreamError(RuntimeError):
+    """A full pass over the shards yielded no sample (every shard empty, or every sample skipped)."""
+
+
+def _no_sample_message(shards: list[str], option: str) -> str:
+    names = ", ".join(shards[:5]) + (f" and {len(shards) - 5} more" if len(shards) > 5 else "")
+    return (f"{option}: a full pass over its {len(shards)} shard(s) ({names}) yielded no sample: every shard "
+            "is empty or every sample in it was skipped as bad (see the DataWarnings above, or rerun with "
+            "data.strict=true to stop at the first); point the option at valid shards")
 
 
 def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length: int,
@@ -111,6 +125,12 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 0)
         self.epoch = 0   # set by the loader in the main process before each pass
         self._passes = 0  # passes made by this copy (persistent workers keep their copy)
+        self._skip = 0    # batches of the next pass already trained on before a resume (see `resume_at`)
+
+    def resume_at(self, passes: int, batches: int) -> None:
+        """Make the next pass continue pass ``passes`` (0-based) after its first ``batches`` batches, as
+        an uninterrupted run would (call before the workers start: they copy this state)."""
+        self._passes, self._skip = passes, batches
 
     def batches_per_worker(self) -> int:
         return max(1, math.ceil(self.epoch_length / (self.batch_size * self.world_size * max(1, self.num_workers))))
@@ -125,9 +145,15 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         self._passes += 1
         if self.train:
-            rng = random.Random(hash((self.seed, self.rank, worker, self.epoch, self._passes)))
-            items = self._train_items(rng)
-            yield from islice(self._batches(items, partial=False), self.batches_per_worker())
+            skip, self._skip = self._skip, 0
+            # The loader takes batches from its workers round-robin, starting at worker 0; after a resume
+            # the uninterrupted run's next batch is that of worker skip % workers, so the workers take
+            # over the streams (seed and position) of the ones they stand in for.
+            role = (worker + skip) % workers
+            done = len(range(role, skip, workers))  # batches of this stream among the first `skip`
+            rng = random.Random(hash((self.seed, self.rank, role, self.epoch, self._passes)))
+            items = islice(self._train_items(rng), done * self.batch_size, None)
+            yield from islice(self._batches(items, partial=False), max(0, self.batches_per_worker() - done))
         else:
             # Node split first, then worker split, both over shards: deterministic, no loss, no duplication.
             mine = self.shards[self.rank::self.world_size][worker::workers]
@@ -153,15 +179,40 @@ class ShardStream(IterableDataset):
                 if (levels is None or c["level"] in levels)
                 and (objects is None or len(c["constraints"]["objects"]) in objects)]
 
+    def _usable(self, r: Record) -> bool:
+        """Whether ``r`` gives a training item: caption batching emits nothing for an image with no
+        caption at the chosen levels/object counts (image batching falls back to all of its captions)."""
+        return self.batching == "image" or self._allowed(r) != []
+
+    def _resampled_records(self, rng: random.Random) -> Iterator[Record]:
+        """Records of shards drawn with replacement, forever; raises `EmptyStreamError` once every shard
+        has been read since the last usable record without yielding one (all empty, every sample bad,
+        or no caption passing the caption filters), which would otherwise spin at 100% CPU with zero
+        steps."""
+        barren: set[str] = set()  # shards read since the last usable record that gave none
+        while True:
+            shard = self.shards[rng.randrange(len(self.shards))]
+            found = False
+            for r in iter_records(shard, self.on_bad):
+                found = found or self._usable(r)
+                yield r
+            if found:
+                barren.clear()
+                continue
+            barren.add(shard)
+            if len(barren) == len(set(self.shards)):
+                msg = _no_sample_message(self.shards, "data.train_shards")
+                if self.caption_levels is not None or self.caption_objects is not None:
+                    msg += (f", or widen data.caption_levels={sorted(self.caption_levels or []) or None} / "
+                            f"data.caption_objects={sorted(self.caption_objects or []) or None}: with "
+                            "data.batching=caption no image has a caption they allow")
+                raise EmptyStreamError(msg)
+
     def _train_items(self, rng: random.Random):
         import webdataset as wds
 
-        def resampled():
-            while True:
-                yield self.shards[rng.randrange(len(self.shards))]
-
         records = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(
-            self._records(resampled())) if self.shuffle_buffer > 1 else self._records(resampled())
+            self._resampled_records(rng)) if self.shuffle_buffer > 1 else self._resampled_records(rng)
         if self.batching == "image":
             for r in records:
                 # an image with no caption at the chosen levels falls back to all of its captions
@@ -224,8 +275,11 @@ class _ThreadedIterator:
     Errors raised by the loader (a bad shard under ``data.strict``) are re-raised in the main thread.
     """
 
-    def __init__(self, iterator, depth: int = 2):
+    def __init__(self, iterator, depth: int = 2, stop_requested=None):
         self._iterator = iterator
+        # Lightning's SIGTERM handler only sets a flag that its loops read between batches; a main
+        # thread blocked here on a batch that never comes would never see it, so the wait polls it.
+        self._stop_requested = stop_requested or (lambda: False)
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lightning-clip-prefetch", daemon=True)
@@ -253,7 +307,18 @@ class _ThreadedIterator:
         return self
 
     def __next__(self):
-        kind, value = self._queue.get()
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if self._stop_requested():
+                    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+                    # no join: the thread may be blocked inside the loader, which shuts down its
+                    # workers when the trainer lets go of it
+                    self._stop.set()
+                    raise SIGTERMException(1) from None
         if kind == "batch":
             return value
         if kind == "error":
@@ -273,6 +338,7 @@ class _EpochLoader(DataLoader):
     thread (`_ThreadedIterator`)."""
 
     prefetch_thread = False
+    stop_requested = None  # () -> bool: the trainer received SIGTERM (see `_ThreadedIterator`)
 
     def __iter__(self):
         previous = getattr(self, "_threaded", None)
@@ -284,9 +350,22 @@ class _EpochLoader(DataLoader):
         self._epoch = self.dataset.epoch + 1
         iterator = super().__iter__()
         if self.prefetch_thread and self.num_workers > 0:
-            self._threaded = _ThreadedIterator(iterator)
+            self._threaded = _ThreadedIterator(iterator, stop_requested=self.stop_requested)
             return self._threaded
+        if not self.dataset.train:
+            return self._nonempty(iterator)
         return iterator
+
+    def _nonempty(self, iterator):
+        """Validation batches; none at all from shards this rank reads is an error: the run would end
+        with exit 0 and no val/* metric, and the ablation runner would tabulate nothing."""
+        stream = self.dataset
+        delivered = False
+        for batch in iterator:
+            delivered = True
+            yield batch
+        if not delivered and stream.shards[stream.rank::stream.world_size]:
+            raise EmptyStreamError(_no_sample_message(stream.shards, "data.val_shards"))
 
 
 class ClipDataModule(LightningDataModule):
@@ -314,10 +393,11 @@ class ClipDataModule(LightningDataModule):
         mean: normalisation mean (CLIP's by default).
         std: normalisation std.
         augment: random resized crops for training (no flips: captions name positions).
-        generate: if the shard directories are missing, generate the synthetic world first with these
-            arguments of `lightning_clip.data.synthetic.generate` (e.g. ``{"seed": 0, "num_train": 20000,
-            "num_val": 500}``); requires ``train_shards`` and ``val_shards`` to be ``<root>/train`` and
-            ``<root>/val``.
+        generate: ``{"root": ROOT, **kw}``: if ``train_shards``/``val_shards`` are exactly ``ROOT/train`` and
+            ``ROOT/val`` and missing, generate the synthetic world into ROOT first (with a printed line)
+            with the arguments ``kw`` of `lightning_clip.data.synthetic.generate` (e.g. ``{"seed": 0,
+            "num_train": 20000, "num_val": 500}``). ROOT defaults to `DEFAULT_GENERATE_ROOT`
+            (``data/synthetic48``). Shards anywhere else are never generated: a missing path is an error.
         seed: seed of the training stream (shard choice, shuffling, caption choice).
         caption_levels: specificity levels (1..4, see `lightning_clip.data.synthetic`) that training
             captions are drawn from; None = all. Image batching draws each image's caption among its
@@ -375,6 +455,7 @@ class ClipDataModule(LightningDataModule):
         self.pad_token_id: int = int(self.tokenizer.pad_token_id)
         self._train: Optional[ShardStream] = None
         self._val: Optional[ShardStream] = None
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, batches trained in it), from a checkpoint
 
     # ------------------------------------------------------------------------------------ setup
     @property
@@ -383,16 +464,23 @@ class ClipDataModule(LightningDataModule):
         return self._skips.count
 
     def _generate_root(self) -> Optional[Path]:
-        if not self.generate or Path(self.train_shards).exists():
+        """The folder to generate the synthetic world into, or None. Only ``data.generate.root`` (default
+        `DEFAULT_GENERATE_ROOT`), only when the shards are exactly ``<root>/train`` and ``<root>/val`` and
+        absent: a shard path the user typed (a typo, or real data that is not there) must fail, not
+        become a synthetic world."""
+        if not self.generate:
             return None
-        tr, va = Path(self.train_shards), Path(self.val_shards)
-        if tr.name != "train" or va.name != "val" or tr.parent != va.parent:
-            raise ValueError(f"data.generate needs data.train_shards=<root>/train and data.val_shards=<root>/val; "
-                             f"got {self.train_shards!r} and {self.val_shards!r}")
-        return tr.parent
+        r = os.path.normpath(str(self.generate.get("root") or DEFAULT_GENERATE_ROOT))
+        if (os.path.normpath(str(self.train_shards)), os.path.normpath(str(self.val_shards))) != (
+                os.path.join(r, "train"), os.path.join(r, "val")):
+            return None  # the shards point elsewhere: read them as given (a missing path is an error)
+        if Path(self.train_shards).exists():
+            return None
+        return Path(r)
 
     def _load_tokenizer(self, spec: str, vocab_size: int, cache: str):
-        from lightning_clip.models.tokenizer import load_tokenizer, synthetic_tokenizer
+        from lightning_clip.data.synthetic import synthetic_tokenizer
+        from lightning_clip.models.tokenizer import load_tokenizer
 
         if spec == "auto" and self._generate_root() is not None:
             return synthetic_tokenizer()  # what the generator will write beside the shards
@@ -407,7 +495,10 @@ class ClipDataModule(LightningDataModule):
         if root is not None:
             from lightning_clip.data.synthetic import ensure_generated
 
-            ensure_generated(root, **self.generate)
+            if not root.exists():
+                print(f"data: {root} is absent; generating the synthetic world there (data.generate; "
+                      "`make data` does it up front)", flush=True)
+            ensure_generated(root, **{k: v for k, v in self.generate.items() if k != "root"})
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "_trainer", None)
@@ -461,9 +552,37 @@ class ClipDataModule(LightningDataModule):
         # Lightning warns that __len__ may be wrong with several workers; ours is exact (each worker
         # yields batches_per_worker batches from its own seed), so the warning is only noise.
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+        # Lightning warns that a mid-epoch resume replays data unless the loader has a state_dict; the
+        # position is restored through this datamodule's state_dict instead (see `load_state_dict`)
+        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
         loader = self._loader(self._train, self.num_workers)
         loader.prefetch_thread = True
+        loader.stop_requested = lambda: bool(getattr(self.trainer, "received_sigterm", False))
+        if self._resume is not None:
+            epoch, batches = self._resume
+            self._resume = None
+            if batches >= len(self._train):  # saved at the end of an epoch: the next one starts afresh
+                epoch, batches = epoch + 1, 0
+            self._train.resume_at(epoch, batches)
+            if self.num_workers == 0:
+                # the loader tells an in-process stream its epoch; persistent workers keep the epoch they
+                # were started with (0), so it stays 0 for them, resumed or not
+                loader._epoch = epoch
         return loader
+
+    # -- resume: the checkpoint records where the training stream stands -----------------------------
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # processed, not completed: a checkpoint saved in on_train_batch_end has trained that batch too
+        # (Lightning counts it completed when it restores)
+        return {"train_epoch": int(trainer.current_epoch),
+                "train_batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "train_epoch" in state:
+            self._resume = (int(state["train_epoch"]), int(state["train_batches"]))
 
     def val_dataloader(self) -> DataLoader:
         if self._val is None:

@@ -12,6 +12,7 @@ and key plus a count, or with ``strict`` an error.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -66,8 +67,12 @@ def expand_shards(pattern: str, option: str = "shards") -> list[str]:
         elif os.path.isfile(part):
             files.append(part)
     if not files:
-        raise FileNotFoundError(f"data.{option}={pattern!r} matches no shard (expected a directory of .tar "
-                                f"files, a glob, or a brace pattern like dir/shard-{{000000..000007}}.tar)")
+        raise FileNotFoundError(
+            f"data.{option}={pattern!r} matches no shard (expected a directory of .tar files, a glob, or a "
+            f"brace pattern like dir/shard-{{000000..000007}}.tar). Check the path; to build shards: real "
+            f"photographs with `python -m lightning_clip.data.convert flickr|coco ... --out ROOT` (see "
+            f"data/README.md), the synthetic world with `make data` or `python -m lightning_clip.data.synthetic "
+            f"--out ROOT`, then point data.train_shards/data.val_shards at ROOT/train and ROOT/val")
     return sorted(dict.fromkeys(files))
 
 
@@ -98,12 +103,13 @@ class SkipPolicy:
     def count(self) -> int:
         return int(self._count.value)
 
-    def __call__(self, shard: str, key: str, reason: str) -> None:
+    def __call__(self, shard: str, key: str, reason: str, count: int = 1) -> None:
+        """Report a bad sample; ``count`` > 1 when one damage loses several (a truncated tar)."""
         msg = f"bad sample in shard {shard}, key {key}: {reason}"
         if self.strict:
             raise BadSampleError(msg + " (data.strict=true)")
         with self._count.get_lock():
-            self._count.value += 1
+            self._count.value += max(1, count)
         warnings.warn("skipping " + msg, DataWarning, stacklevel=2)
 
 
@@ -239,29 +245,147 @@ def _members(stream) -> Iterator[tuple[str, bytes]]:
         yield from _tarfile_members(_Prepended(h.head, stream))
 
 
+def _tell(stream) -> Optional[int]:
+    try:
+        return stream.tell()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _keys_after(shard: str, start: int) -> set[str]:
+    """Keys of the member headers found in a local ``shard`` from byte ``start`` on (checksums valid, at
+    512-byte boundaries): the samples a corrupt header in the middle cut off from the reader."""
+    keys: set[str] = set()
+    try:
+        with open(shard.removeprefix("file://"), "rb") as f:
+            f.seek(-(-start // 512) * 512)
+            while True:
+                chunk = f.read(1 << 20)  # a multiple of 512: block boundaries stay aligned
+                if not chunk:
+                    return keys
+                pos = chunk.find(b"ustar", 257)
+                while pos != -1:
+                    if pos % 512 == 257:
+                        h = chunk[pos - 257:pos - 257 + 512]
+                        if len(h) == 512 and _octal(h[148:156], "checksum") == sum(h) - sum(h[148:156]) + 256:
+                            m = _KEY_EXT.match(h[:100].split(b"\0", 1)[0].decode("utf-8", "replace"))
+                            if m and h[156:157] in _REGULAR:
+                                keys.add(m.group(1))
+                    pos = chunk.find(b"ustar", pos + 1)
+    except (OSError, tarfile.TarError):
+        return keys
+
+
+def _content_size(path: Path) -> int:
+    """Bytes of a tar up to its end-of-archive blocks and record padding (zeros), in 512-byte blocks."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 12 * 1024))  # end blocks (1 KiB) plus at most one 10 KiB record of padding
+        tail = f.read()
+    return -(-(size - (len(tail) - len(tail.rstrip(b"\0")))) // 512) * 512
+
+
+def _missing_tail(shard: str, size: int, complete: int, complete_bytes: int) -> int:
+    """Samples a cut ``shard`` (``size`` bytes) no longer holds beyond the one being read, estimated from
+    its sibling shards' median size and the bytes per sample of the ``complete`` samples read before the
+    cut (``complete_bytes``); 0 when there is nothing to estimate from."""
+    if complete < 1 or complete_bytes <= 0:
+        return 0
+    median = _median_sibling_size(shard.removeprefix("file://"))
+    if median is None or median <= size:
+        return 0
+    return max(0, round(median / (complete_bytes / complete)) - complete - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _median_sibling_size(path: str) -> Optional[int]:
+    """Median content size of the other shards in ``path``'s folder; cached, because training rereads a
+    damaged shard (drawn with replacement) and would otherwise stat and read every sibling each time."""
+    here = Path(path)
+    try:
+        sizes = sorted(_content_size(p) for p in here.parent.glob("*.tar") if p != here)
+    except OSError:
+        return None
+    return sizes[len(sizes) // 2] if sizes else None
+
+
 def _tar_members(shard: str, on_bad: SkipPolicy) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group consecutive tar members by key (``KEY.ext``) -> (key, {ext: bytes})."""
     key, files = None, {}
     last = "<start of archive>"
+    complete, complete_bytes, end = 0, 0, 0  # samples before the one in progress, their bytes
+    at = None  # where the reader stopped, for a damaged local file
     try:
         with _open(shard) as stream:
-            for name, data in _members(stream):
-                last = name
-                m = _KEY_EXT.match(name)
-                if m is None:
-                    continue
-                base, ext = m.groups()
-                if base != key:
-                    if key is not None:
-                        yield key, files
-                    key, files = base, {}
-                files[ext.lower()] = data
+            try:
+                for name, data in _members(stream):
+                    last = name
+                    m = _KEY_EXT.match(name)
+                    if m is None:
+                        continue
+                    base, ext = m.groups()
+                    if base != key:
+                        if key is not None:
+                            complete, complete_bytes = complete + 1, end
+                            yield key, files
+                        key, files = base, {}
+                    files[ext.lower()] = data
+                    end = _tell(stream) or 0
+            except (tarfile.TarError, OSError, EOFError, ValueError):
+                at = _tell(stream)
+                raise
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        # A truncated or corrupt archive: the sample being read is lost; the ones before were yielded.
-        on_bad(shard, (key or last), f"truncated or corrupt tar after member {last!r} ({e})")
+        # A truncated or corrupt archive: the sample being read is lost, and so is everything after the
+        # damage. Count those too (data/skipped must show the scale, not one per damaged read): samples
+        # whose headers are still in the file past a corrupt block, exactly; samples a cut file no longer
+        # holds, estimated from the sibling shards' size.
+        reason = f"truncated or corrupt tar after member {last!r} ({e})"
+        lost = 1
+        if at is not None and not _is_remote(shard):
+            size = os.path.getsize(shard.removeprefix("file://"))
+            after = _keys_after(shard, at) - {key}
+            missing = _missing_tail(shard, size, complete, complete_bytes) if at >= size else 0
+            lost += len(after) + missing
+            reason += (f"; read {complete} sample(s) up to byte {at} of {size}, lost {lost}: the one being read"
+                       + (f", {len(after)} found past the damage" if after else "")
+                       + (f", ~{missing} more a shard of its siblings' median size would hold" if missing else ""))
+        on_bad(shard, (key or last), reason, count=lost)
         return
     if key is not None:
         yield key, files
+
+
+def _kind(v) -> str:
+    return type(v).__name__
+
+
+def _schema_problem(meta: dict) -> Optional[str]:
+    """What is wrong with the types of KEY.json's fields, or None. Every field is optional, but one that
+    is present must have its type: a string ``all_captions`` would otherwise be trained on character by
+    character, and a malformed ``captions``/``scene`` would crash the collate or the oracle later."""
+    caps = meta.get("all_captions")
+    if caps is not None and not (isinstance(caps, list) and all(isinstance(c, str) for c in caps)):
+        return f"all_captions must be a list of strings, got {_kind(caps)}" + (
+            f" holding {sorted({_kind(c) for c in caps if not isinstance(c, str)})}" if isinstance(caps, list) else "")
+    if meta.get("caption") is not None and not isinstance(meta["caption"], str):
+        return f"caption must be a string, got {_kind(meta['caption'])}"
+    info = meta.get("captions")
+    if info is not None:
+        if not (isinstance(info, list) and all(isinstance(c, dict) for c in info)):
+            return f"captions must be a list of objects (level, constraints), got {_kind(info)}" + (
+                f" holding {sorted({_kind(c) for c in info if not isinstance(c, dict)})}" if isinstance(info, list) else "")
+        for i, c in enumerate(info):
+            if not isinstance(c.get("level"), int) or isinstance(c.get("level"), bool):
+                return f"captions[{i}].level must be an integer, got {_kind(c.get('level'))}"
+            cons = c.get("constraints")
+            if not (isinstance(cons, dict) and isinstance(cons.get("objects"), list)):
+                return f"captions[{i}].constraints must be an object with an objects list"
+        if isinstance(caps, list) and len(info) != len(caps):
+            return f"captions has {len(info)} entries for {len(caps)} all_captions"
+    scene = meta.get("scene")
+    if scene is not None and not (isinstance(scene, dict) and isinstance(scene.get("objects"), list)):
+        return f"scene must be an object with an objects list, got {_kind(scene)}"
+    return None
 
 
 def decode(shard: str, key: str, files: dict[str, bytes], on_bad: SkipPolicy) -> Optional[Record]:
@@ -279,6 +403,10 @@ def decode(shard: str, key: str, files: dict[str, bytes], on_bad: SkipPolicy) ->
         except ValueError as e:
             on_bad(shard, key, f"malformed JSON ({e})")
             return None
+    problem = _schema_problem(meta)
+    if problem:
+        on_bad(shard, key, f"wrong type in KEY.json: {problem}")
+        return None
     captions = meta.get("all_captions")
     if not captions:
         cap = meta.get("caption")
@@ -334,7 +462,7 @@ def iter_captions(shards: list[str]) -> Iterator[str]:
     """Every caption of every sample (to train a tokenizer). Bad samples are passed over silently
     here: they are reported and counted when the samples themselves are read."""
     for shard in shards:
-        for key, files in _tar_members(shard, lambda *a: None):
+        for key, files in _tar_members(shard, lambda *a, **k: None):
             try:
                 meta = json.loads(files["json"]) if "json" in files else {}
                 caps = meta.get("all_captions") or [meta.get("caption") or files.get("txt", b"").decode()]

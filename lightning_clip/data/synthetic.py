@@ -79,7 +79,7 @@ LEVEL_ATTRIBUTES = {1: (("color",), ("shape",)),
                     3: (("size", "color", "shape"),),
                     4: (("size", "color", "shape", "position"),)}
 MAX_OBJECTS = 3
-SPLIT_CODES = {"train": 1, "val": 2, "pool": 3}
+SPLIT_CODES = {"train": 1, "val": 2, "pool": 3, "test": 4}
 _SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 _THING_WORDS = ("thing", "object", "shape")
 _SENTENCES = ("{}", "a picture of {}", "there is {}", "an image with {}", "{} on a grey background",
@@ -298,6 +298,14 @@ def sample_caption(scene: dict, rng: random.Random) -> dict:
             "text_id": stable_id(text)}
 
 
+def synthetic_tokenizer():
+    """The world's tokenizer: one token per word of its closed vocabulary (the world hands its words to
+    the tokenizer module, which knows nothing of the world)."""
+    from lightning_clip.models.tokenizer import tokenizer_from_words
+
+    return tokenizer_from_words(vocabulary())
+
+
 def vocabulary() -> list[str]:
     """Every word a synthetic caption can contain (the generator's tokenizer has exactly these)."""
     words = set(SHAPES) | set(COLORS) | set(_THING_WORDS) | {"a", "an", "and", "in", "at", "the", ","}
@@ -361,9 +369,13 @@ def write_split(out_dir: Path, split: str, num: int, shard_size: int = 2500, min
 
 def generate(out: str | os.PathLike, num_train: int = 20000, num_val: int = 500, seed: int = 0,
              duplicate_rate: float = 0.0, image_size: int = 64, num_captions: int = 5,
-             shard_size: int = 2500, duplicate_pool: int = 64) -> Path:
-    """Write ``out/train``, ``out/val`` and ``out/tokenizer.json`` (overwrites files of the same name).
+             shard_size: int = 2500, duplicate_pool: int = 64, num_test: int = 500) -> Path:
+    """Write ``out/train``, ``out/val``, ``out/test`` and ``out/tokenizer.json`` (overwrites files of the
+    same name).
 
+    The test split is drawn from the same seed under its own split code, so it shares no image with
+    train or val, and adding it never changes their bytes (every sample has its own generator). It is
+    for final evaluation only (`python -m lightning_clip eval --split=test`), never for choosing a model.
     Prefer `ensure_generated` from code: it is atomic."""
     if not 8 <= image_size <= 1024:
         raise ValueError(f"image_size={image_size} is outside 8..1024")
@@ -374,12 +386,49 @@ def generate(out: str | os.PathLike, num_train: int = 20000, num_val: int = 500,
               duplicate_rate=duplicate_rate, duplicate_pool=duplicate_pool)
     write_split(out / "train", "train", num_train, shard_size=shard_size, **kw)
     write_split(out / "val", "val", num_val, shard_size=shard_size, **kw)
-    from lightning_clip.models.tokenizer import synthetic_tokenizer
-
+    if num_test > 0:
+        write_split(out / "test", "test", num_test, shard_size=shard_size, **kw)
     (out / "tokenizer.json").write_text(synthetic_tokenizer().backend_tokenizer.to_str(), encoding="utf-8")
-    (out / "generator.json").write_text(json.dumps(
-        dict(num_train=num_train, num_val=num_val, **kw), sort_keys=True, indent=1) + "\n")
+    _write_generator_json(out, dict(num_train=num_train, num_val=num_val, num_test=num_test,
+                                    shard_size=shard_size, **kw))
     return out
+
+
+def _write_generator_json(out: Path, params: dict) -> None:
+    (out / "generator.json").write_text(json.dumps(params, sort_keys=True, indent=1) + "\n")
+
+
+def ensure_test_split(out: str | os.PathLike, num_test: int = 500) -> Path:
+    """Add ``out/test`` to a world generated before worlds had a test split, with the parameters in its
+    ``generator.json`` (so the images are the ones a fresh generation would make); atomic like
+    `ensure_generated`. Returns the test folder."""
+    out = Path(out)
+    test = out / "test"
+    if test.exists():
+        return test
+    meta = out / "generator.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{out} has no test split and no generator.json to make one from (not a "
+                                "synthetic world?); give the evaluation shards explicitly")
+    params = json.loads(meta.read_text())
+    kw = {k: params[k] for k in ("seed", "image_size", "num_captions", "duplicate_rate", "duplicate_pool")
+          if k in params}
+    tmp = Path(tempfile.mkdtemp(prefix=".test.tmp-", dir=out))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset should not be
+        write_split(tmp, "test", num_test, shard_size=params.get("shard_size", 2500), **kw)
+        try:
+            os.rename(tmp, test)
+        except OSError:
+            if not test.exists():
+                raise
+        _write_generator_json(out, {**params, "num_test": num_test})
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return test
 
 
 def ensure_generated(out: str | os.PathLike, **kw) -> Path:
@@ -415,6 +464,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     p.add_argument("--out", default="data/synthetic")
     p.add_argument("--num-train", type=int, default=20000)
     p.add_argument("--num-val", type=int, default=500)
+    p.add_argument("--num-test", type=int, default=500, help="held-out test split (final evaluation only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duplicate-rate", type=float, default=0.0)
     p.add_argument("--image-size", type=int, default=64)
@@ -429,12 +479,15 @@ def main(argv: Iterable[str] | None = None) -> None:
     existed = out.exists()
     ensure_generated(out, num_train=a.num_train, num_val=a.num_val, seed=a.seed,
                      duplicate_rate=a.duplicate_rate, image_size=a.image_size,
-                     num_captions=a.num_captions, shard_size=a.shard_size)
-    if existed:
+                     num_captions=a.num_captions, shard_size=a.shard_size, num_test=a.num_test)
+    if existed and a.num_test > 0 and not (out / "test").exists():
+        ensure_test_split(out, a.num_test)  # a world made before worlds had a test split
+        print(f"{out} exists; added its test split ({a.num_test} samples)")
+    elif existed:
         print(f"{out} exists; nothing to do (use --force to regenerate)")
     else:
         dt = time.perf_counter() - t0
-        n = a.num_train + a.num_val
+        n = a.num_train + a.num_val + a.num_test
         print(f"wrote {n} samples to {out} in {dt:.1f}s ({n / dt:.0f} samples/s)")
 
 

@@ -3,11 +3,16 @@ from lightning_clip.losses._registry import LOSSES, build_loss, register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 # importing a family registers it
 from lightning_clip.losses import (  # noqa: F401
+    cloob as _cloob,
+    cyclip as _cyclip,
     damsm as _damsm,
     dcl as _dcl,
+    filip as _filip,
+    hn_nce as _hn_nce,
     infonce as _infonce,
     multi_positive as _multi_positive,
     nce as _nce,
+    pcmepp as _pcmepp,
     probabilistic as _probabilistic,
     sigmoid as _sigmoid,
     soft_targets as _soft_targets,

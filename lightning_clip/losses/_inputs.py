@@ -41,6 +41,10 @@ def normalize(x: Tensor) -> Tensor:
     return F.normalize(x, dim=-1, eps=1e-12)
 
 
+class NonFiniteError(ValueError):
+    """A loss was handed NaN or inf features (the model diverged, or the data holds such values)."""
+
+
 def _require_finite(named: dict[str, Tensor], where: str) -> None:
     floats = {k: v for k, v in named.items() if v is not None and v.is_floating_point()}
     if not floats:
@@ -48,7 +52,7 @@ def _require_finite(named: dict[str, Tensor], where: str) -> None:
     flags = torch.stack([torch.isfinite(v).all() for v in floats.values()])
     if not bool(flags.all()):
         bad = [k for k, ok in zip(floats, flags.tolist()) if not ok]
-        raise ValueError(f"{where}: {', '.join(bad)} contain(s) NaN or inf values")
+        raise NonFiniteError(f"{where}: {', '.join(bad)} contain(s) NaN or inf values")
 
 
 def check_pair(where: str, image: Tensor, text: Tensor, **per_row: Optional[Tensor]) -> int:

@@ -16,6 +16,7 @@ from lightning_clip.outputs import Embeddings, LossOutput
 
 # open_clip's convention: the multiplier exp(log_scale) lives in [1, 100]; beyond 100 training is unstable.
 LOG_SCALE_MAX = math.log(100.0)
+SCALE_MIN = 1.0  # exp(0): the clamp's lower end
 
 
 class ContrastiveLoss(nn.Module):
@@ -36,6 +37,13 @@ class ContrastiveLoss(nn.Module):
         if init_scale is not None:
             if init_scale <= 0:
                 raise ValueError(f"init_scale must be > 0, got {init_scale}")
+            if not SCALE_MIN <= init_scale <= math.exp(LOG_SCALE_MAX) * (1 + 1e-9):
+                # clamp_ would move it into [1, 100] after the first optimizer step: a fixed scale would
+                # train at another value than the one asked for, a learned one would jump
+                raise ValueError(
+                    f"model.loss_args.init_scale={init_scale:g} is outside the scale range [{SCALE_MIN:g}, "
+                    f"{math.exp(LOG_SCALE_MAX):g}] that every optimizer step clamps to (open_clip's; "
+                    f"learn_scale={learn_scale}); give an init_scale inside it (the temperature is 1 / scale)")
             self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn_scale)
         else:
             self.log_scale = None
@@ -67,6 +75,11 @@ class ContrastiveLoss(nn.Module):
         return out
 
     # -- retrieval -----------------------------------------------------------------------------------
+    def retrieval_inputs(self, emb: Embeddings) -> tuple[Tensor, Tensor]:
+        """The per-item ``(image, text)`` tensors validation keeps for `similarity` (one row per item, any
+        trailing shape): the pooled embeddings by default; filip keeps its tokens."""
+        return emb.image, emb.text
+
     def similarity(self, image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
                    text_ln_std: Optional[Tensor] = None) -> Tensor:
         """Score matrix [N_image, N_text] used to rank at validation. Cosine similarity by default;

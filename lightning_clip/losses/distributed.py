@@ -6,11 +6,11 @@ tensor; its backward sums the gradient that every rank's loss sends to a piece (
 piece held by rank r receives sum_r' dL_r'/dx_r. DDP then averages parameter gradients over the W ranks.
 
 - Row-decomposable families (infonce, siglip, dcl, multi_positive, nce, probabilistic, soft_targets
-  "fixed", damsm): the single-process loss is a mean over N rows, L = (1/N) sum_i l_i, where row i needs
+  "fixed", damsm, cyclip, hn_nce, pcmepp, filip): the single-process loss is a mean over N rows, L = (1/N) sum_i l_i, where row i needs
   its own item and *all* columns. Rank r computes L_r = (1/B_r) sum_{i local} l_i. With equal B_r = N/W,
   (1/W) sum_r dL_r/dtheta = dL/dtheta exactly; the logged loss is the mean of L_r, i.e. L.
 - Families that do not decompose (soft_targets "tutorial": its column direction reads every row's
-  softmax normaliser) compute the whole global loss on every rank; each piece then gets W * dL/dx_r from
+  softmax normaliser; cloob: its Hopfield memory and InfoLOOB columns are the whole batch) compute the whole global loss on every rank; each piece then gets W * dL/dx_r from
   the backward sum and DDP's 1/W brings it back to dL/dtheta.
 
 Ranks may hold batches of different sizes (a last, short batch) or, for words, different padded lengths:

@@ -1,4 +1,6 @@
-"""Offline tokenizers: the synthetic world's closed vocabulary, or a small WordPiece trained on captions.
+"""Offline tokenizers: a closed vocabulary (`tokenizer_from_words`; the synthetic world builds its own from
+its words, `lightning_clip.data.synthetic.synthetic_tokenizer`) or a small WordPiece trained on captions.
+This module imports nothing of `lightning_clip.data`: the data side hands words and captions in.
 
 Both are `transformers.PreTrainedTokenizerFast` with ``[PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3`` and a
 ``[CLS] ... [SEP]`` template, lower-casing and BERT pre-tokenisation, so a whole word is (usually) one
@@ -50,13 +52,6 @@ def tokenizer_from_words(words: Sequence[str]):
     for w in words:
         vocab.setdefault(w.lower(), len(vocab))
     return _wrap(_pipeline(WordPiece(vocab=vocab, unk_token="[UNK]")))
-
-
-def synthetic_tokenizer():
-    """The synthetic world's tokenizer: one token per word of its closed vocabulary."""
-    from lightning_clip.data.synthetic import vocabulary
-
-    return tokenizer_from_words(vocabulary())
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 4000):

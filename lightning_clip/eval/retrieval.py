@@ -30,6 +30,7 @@ fine for the synthetic world's validation split, which is the only data that has
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -38,13 +39,30 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-#: ``similarity(image, text, image_ln_std, text_ln_std) -> [N_image, N_text]`` (``ContrastiveLoss.similarity``)
+#: ``similarity(image, text, image_ln_std, text_ln_std) -> [N_image, N_text]`` (``ContrastiveLoss.similarity``).
+#: One that also takes a ``direction`` keyword is told which side queries ("i2t": image rows rank captions,
+#: "t2i": caption columns rank images), for families whose two directions score differently (filip).
 Similarity = Callable[[Tensor, Tensor, Optional[Tensor], Optional[Tensor]], Tensor]
 #: ``relevance(image_ids, text_ids) -> bool [N_text, N_image]`` or None when the data has no oracle
 RelevanceFn = Callable[[Tensor, Tensor], Optional[Tensor]]
 
 DEFAULT_KS = (1, 5, 10)
 DEFAULT_CHUNK = 1024
+
+
+def caption_ids(meta: dict, n: int) -> Tensor:
+    """One id per caption item: the data's own ``text_id`` when it has one, else a process-independent hash
+    of (sample key, caption text). Equal (image_id, caption id) pairs are one item (distributed padding)."""
+    if meta.get("text_id") is not None:
+        return torch.as_tensor(meta["text_id"], dtype=torch.long).reshape(n)
+    keys, captions = meta.get("key"), meta.get("caption")
+    if keys is None and captions is None:
+        raise KeyError("retrieval needs meta['text_id'], meta['key'] or meta['caption'] to tell caption items apart")
+    from lightning_clip.data.synthetic import stable_id  # the project's one cross-process string hash
+
+    keys = keys if keys is not None else [""] * n
+    captions = captions if captions is not None else [""] * n
+    return torch.tensor([stable_id(f"{k}\x1f{c}") for k, c in zip(keys, captions)], dtype=torch.long)
 
 
 def cosine_similarity(image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
@@ -54,6 +72,13 @@ def cosine_similarity(image: Tensor, text: Tensor, image_ln_std: Optional[Tensor
 
 
 # -- pure functions ----------------------------------------------------------------------------------
+def _takes_direction(sim: Callable) -> bool:
+    try:
+        return "direction" in inspect.signature(sim).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no keyword
+        return False
+
+
 def retrieval_ranks(scores: Tensor, positives: Tensor, ties: str = "pessimistic") -> Tensor:
     """1-based rank of the best positive of each query.
 
@@ -130,6 +155,15 @@ def oracle_ceiling(relevance: Tensor, image_ids: Tensor, text_image_ids: Tensor)
     return {"t2i/R@1": t2i.mean().float(), "i2t/R@1": i2t.mean().float()}
 
 
+def recall_at_1_by_level(ranks: Tensor, levels: Tensor) -> dict[int, Tensor]:
+    """R@1 of the queries at each level (caption specificity 1..4 on the synthetic world); levels < 0
+    (unknown) are left out. Vague captions fit many images, so their plain R@1 is bounded by the oracle
+    ceiling; this shows where a model's recall is lost."""
+    hit = (ranks.reshape(-1) <= 1).float()
+    levels = levels.reshape(-1).to(hit.device)
+    return {int(v): hit[levels == v].mean() for v in torch.unique(levels) if int(v) >= 0}
+
+
 @dataclass
 class RetrievalResult:
     """Everything one validation pass measured. Per-item tensors are aligned with ``image_ids`` (images,
@@ -161,7 +195,8 @@ def retrieval_metrics(image: Tensor, text: Tensor, image_ids: Tensor, text_image
                       text_ln_std: Optional[Tensor] = None, relevance: Optional[Tensor] = None,
                       ks: Iterable[int] = DEFAULT_KS, chunk_size: int = DEFAULT_CHUNK,
                       ties: str = "pessimistic") -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Recall@k and ranks for *deduplicated* images ``[Ni, D]`` and captions ``[Nt, D]``.
+    """Recall@k and ranks for *deduplicated* images ``[Ni, D]`` and captions ``[Nt, D]`` (any per-item
+    tensors the similarity reads, one row per item: filip passes its tokens ``[Ni, R, 1 + D]``).
 
     ``image_ids[i]`` names image i; ``text_image_ids[j]`` names the image caption j was written for.
     ``relevance``: optional bool ``[Nt, Ni]`` (caption j matches image i) for semantic recall.
@@ -182,17 +217,22 @@ def retrieval_metrics(image: Tensor, text: Tensor, image_ids: Tensor, text_image
     def _sl(x, s):
         return None if x is None else x[s]
 
+    directional = _takes_direction(sim)
+
+    def score(direction, *args):
+        return sim(*args, direction=direction) if directional else sim(*args)
+
     i2t, t2i, sem_i2t, sem_t2i = [], [], [], []
     # image queries against every caption
     for s in _chunks(n_img, chunk_size):
-        scores = sim(image[s], text, _sl(image_ln_std, s), text_ln_std)
+        scores = score("i2t", image[s], text, _sl(image_ln_std, s), text_ln_std)
         pos = image_ids[s, None] == text_image_ids[None, :]
         i2t.append(retrieval_ranks(scores, pos, ties))
         if relevance is not None:
             sem_i2t.append(retrieval_ranks(scores, pos | relevance[:, s].T, ties))
     # caption queries against every image
     for s in _chunks(n_txt, chunk_size):
-        scores = sim(image, text[s], image_ln_std, _sl(text_ln_std, s)).T
+        scores = score("t2i", image, text[s], image_ln_std, _sl(text_ln_std, s)).T
         pos = text_image_ids[s, None] == image_ids[None, :]
         t2i.append(retrieval_ranks(scores, pos, ties))
         if relevance is not None:

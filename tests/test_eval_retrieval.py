@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from lightning_clip.metrics import (RetrievalMetric, first_occurrences, oracle_ceiling, rank_summary, retrieval_metrics,
+from lightning_clip.eval.retrieval import (RetrievalMetric, first_occurrences, oracle_ceiling, rank_summary, retrieval_metrics,
                                     retrieval_ranks)
 
 
