@@ -356,7 +356,7 @@ def test_filip_validation_ranks_by_token_wise_scores():
     from test_callbacks import FakeModule, fake_trainer, meta_of, world
 
     from lightning_clip.callbacks import RetrievalCallback
-    from lightning_clip.metrics import rank_summary, retrieval_ranks
+    from lightning_clip.eval.retrieval import rank_summary, retrieval_ranks
 
     items, image, text = world()
     reg, wrd, mask = _filip_world()
