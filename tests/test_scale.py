@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -75,7 +76,10 @@ def fit(module: ClipModule, batches: list[dict], **trainer_kwargs) -> ClipModule
     trainer = L.Trainer(accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, use_distributed_sampler=False, **trainer_kwargs)
-    trainer.fit(module, datamodule=FixedBatches(batches))
+    with warnings.catch_warnings():
+        # these fits have no validation on purpose (limit_val_batches=0): Lightning's notice is noise
+        warnings.filterwarnings("ignore", message=r".*no `val_dataloader`")
+        trainer.fit(module, datamodule=FixedBatches(batches))
     return module
 
 
