@@ -416,16 +416,10 @@ def _completed_index(runs_dir: Path) -> dict[str, Path]:
     return index
 
 
-def execute(runs: Sequence[Run], *, command: Sequence[str] | None = None, jobs: int = 1,
-            runs_dir: Path | None = None, progress: Progress | None = None, poll: float = 0.2) -> list[Failure]:
-    """Run what is not complete yet; return the failures. Ctrl-C stops the children and re-raises."""
-    prefix = list(command) if command is not None else default_command()
-    progress = progress or Progress(len(runs), jobs)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # parallel runs should not fight over the cores
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    index = _completed_index(runs_dir) if runs_dir is not None else {}
-    pending: collections.deque[Run] = collections.deque()
+def pending_runs(runs: Sequence[Run], progress: Progress) -> list[Run]:
+    """The runs still to do (finished ones leave the progress total), with a line for each one redone and
+    one for how many are complete. Shared by the local runner and the SLURM executor."""
+    pending = []
     for run in runs:
         st = state(run)
         if st == "done":
@@ -435,9 +429,21 @@ def execute(runs: Sequence[Run], *, command: Sequence[str] | None = None, jobs: 
             why = "interrupted or failed before" if st == "partial" else "its configs changed since it ran"
             progress.event(f"redo {run.label}: {why} (clearing {run.run_dir})")
         pending.append(run)
-    skipped = len(runs) - len(pending)
-    if skipped:
-        progress.event(f"{skipped} run(s) already complete (stamp {STAMP}); {len(pending)} to go")
+    if len(runs) > len(pending):
+        progress.event(f"{len(runs) - len(pending)} run(s) already complete (stamp {STAMP}); {len(pending)} to go")
+    return pending
+
+
+def execute(runs: Sequence[Run], *, command: Sequence[str] | None = None, jobs: int = 1,
+            runs_dir: Path | None = None, progress: Progress | None = None, poll: float = 0.2) -> list[Failure]:
+    """Run what is not complete yet; return the failures. Ctrl-C stops the children and re-raises."""
+    prefix = list(command) if command is not None else default_command()
+    progress = progress or Progress(len(runs), jobs)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # parallel runs should not fight over the cores
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    index = _completed_index(runs_dir) if runs_dir is not None else {}
+    pending = collections.deque(pending_runs(runs, progress))
 
     failures: list[Failure] = []
     active: list[_Active] = []

@@ -110,19 +110,7 @@ def execute_slurm(runs, *, command: Sequence[str] | None = None, jobs: int = 1, 
     prefix = list(command) if command is not None else A.default_command()
     progress = progress or A.Progress(len(runs), 1)
     index = A._completed_index(runs_dir) if runs_dir is not None else {}
-    pending = []
-    for run in runs:
-        st = A.state(run)
-        if st == "done":
-            progress.total -= 1
-            continue
-        if st in ("partial", "stale"):
-            why = "interrupted or failed before" if st == "partial" else "its configs changed since it ran"
-            progress.event(f"redo {run.label}: {why} (clearing {run.run_dir})")
-        pending.append(run)
-    if len(runs) > len(pending):
-        progress.event(f"{len(runs) - len(pending)} run(s) already complete (stamp {A.STAMP}); "
-                       f"{len(pending)} to go")
+    pending = A.pending_runs(runs, progress)
     folder = Path(opts["folder"] or Path(runs_dir or "runs") / ".submitit")
     extra = trainer_args(opts)
     executor = make_executor(opts, folder) if pending else None

@@ -55,3 +55,22 @@ def random_embeddings(n: int = 6, dim: int = 8, dtype=torch.float64, seed: int =
         emb.image_groups = torch.arange(n) // 2
         emb.text_groups = torch.arange(n) // 2
     return emb
+
+
+def finite_loss_and_grads(module, emb, autocast_dtype=None):
+    """The loss, its terms and the gradients of every input and parameter are finite (optionally under
+    CPU autocast); the loss itself is float32/64."""
+    leaves = emb.map(lambda t: t.detach().requires_grad_() if t.is_floating_point() else t)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        out = module(leaves)
+    assert out.loss.dtype in (torch.float32, torch.float64), f"loss computed in {out.loss.dtype}"
+    assert torch.isfinite(out.loss), f"loss {out.loss}"
+    for name, term in out.terms.items():
+        assert torch.isfinite(term), f"term {name} = {term}"
+    params = [p for p in module.parameters() if p.requires_grad]
+    floats = [getattr(leaves, f) for f in ("image", "text", "image_ln_std", "text_ln_std", "regions", "words")
+              if getattr(leaves, f) is not None]
+    grads = torch.autograd.grad(out.loss, floats + params, allow_unused=True)
+    for g in grads:
+        assert g is None or torch.isfinite(g).all()
+    return out

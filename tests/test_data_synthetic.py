@@ -183,5 +183,6 @@ def test_a_world_without_a_test_split_gets_the_one_a_fresh_world_would_have(tmp_
     syn.ensure_test_split(old, num_test=5)
     assert _digest(old / "test") == _digest(fresh / "test")
     assert json.loads((old / "generator.json").read_text())["num_test"] == 5
+    (tmp_path / "not-a-world").mkdir()
     with pytest.raises(FileNotFoundError, match="no generator.json"):
-        syn.ensure_test_split(tmp_path / "nothing-here" if (tmp_path / "nothing-here").mkdir() is None else None)
+        syn.ensure_test_split(tmp_path / "not-a-world")

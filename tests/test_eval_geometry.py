@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lightning_clip.eval.geometry import (alignment, covariance_spectrum, effective_rank, geometry_summary,
+from lightning_clip.eval.geometry import (alignment, covariance_spectrum, effective_rank,
                                          low_variance_share, modality_gap, modality_gap_vector, uniformity)
 
 
@@ -120,19 +120,3 @@ def test_low_variance_share_absolute_threshold_saturates_in_high_dim():
     x = _spread([1.0] * 128, dim=128)
     assert low_variance_share(x) == 1.0
     assert low_variance_share(x, threshold=0.5 / 128) == 0.0
-
-
-def test_geometry_summary_keys_and_values():
-    g = torch.Generator().manual_seed(3)
-    image, text = torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g)
-    s = geometry_summary(3 * image, text)
-    assert list(s) == ["alignment", "uniformity_image", "uniformity_text", "modality_gap", "effective_rank_image",
-                       "effective_rank_text", "low_variance_share_image", "low_variance_share_text"]
-    assert all(isinstance(v, float) for v in s.values())
-    assert s["alignment"] == pytest.approx(alignment(image, text))
-    assert s["uniformity_image"] == pytest.approx(uniformity(image))
-    assert s["modality_gap"] == pytest.approx(modality_gap(image, text))
-    # spectral measures on the normalised embeddings
-    unit = torch.nn.functional.normalize(text.double(), dim=-1)
-    assert s["effective_rank_text"] == pytest.approx(effective_rank(unit))
-    assert s["low_variance_share_text"] == pytest.approx(low_variance_share(unit))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _loss_helpers import CASES, case_id, random_embeddings
+from _loss_helpers import CASES, case_id, finite_loss_and_grads, random_embeddings
 from lightning_clip.losses import LOSSES, build_loss
 from lightning_clip.losses import functional as LF
 from lightning_clip.losses.base import LOG_SCALE_MAX
@@ -433,23 +433,6 @@ def test_nce_is_seedable_and_samples_other_items():
 
 
 # -- stability ---------------------------------------------------------------------------------------------
-def _finite_loss_and_grads(module, emb, autocast_dtype=None):
-    leaves = emb.map(lambda t: t.detach().requires_grad_() if t.is_floating_point() else t)
-    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        out = module(leaves)
-    assert out.loss.dtype in (torch.float32, torch.float64), f"loss computed in {out.loss.dtype}"
-    assert torch.isfinite(out.loss), f"loss {out.loss}"
-    for name, term in out.terms.items():
-        assert torch.isfinite(term), f"term {name} = {term}"
-    params = [p for p in module.parameters() if p.requires_grad]
-    floats = [getattr(leaves, f) for f in ("image", "text", "image_ln_std", "text_ln_std", "regions", "words")
-              if getattr(leaves, f) is not None]
-    grads = torch.autograd.grad(out.loss, floats + params, allow_unused=True)
-    for g in grads:
-        assert g is None or torch.isfinite(g).all()
-    return out
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("n", [1, 2, 8])
 @pytest.mark.parametrize("precision", ["float32", "bf16-autocast", "fp16-inputs"])
@@ -462,13 +445,14 @@ def test_stable_at_scale_100_low_precision_and_tiny_batches(case, n, precision):
     emb.text = emb.image + 1e-3 * emb.text  # near-identical pairs: the sharpest logits at scale 100
     if precision == "fp16-inputs":
         emb = emb.map(lambda t: t.half() if t.is_floating_point() else t)
-    _finite_loss_and_grads(module, emb, torch.bfloat16 if precision == "bf16-autocast" else None)
+    finite_loss_and_grads(module, emb, torch.bfloat16 if precision == "bf16-autocast" else None)
 
 
-@pytest.mark.parametrize("mode", ["proposal", "gaussian"])
+@pytest.mark.parametrize("case", [("probabilistic", {"mode": "proposal"}), ("probabilistic", {"mode": "gaussian"}),
+                                  ("pcmepp", {"vib_beta": 0.1})], ids=case_id)
 @pytest.mark.parametrize("ln_std", [LN_STD_MIN, LN_STD_MAX, -50.0, 50.0, "mixed"])
-def test_probabilistic_stable_at_the_clamp_edges(mode, ln_std):
-    module = build(("probabilistic", {"mode": mode}), torch.float32)
+def test_variance_families_stable_at_the_clamp_edges(case, ln_std):
+    module = build(case, torch.float32)
     emb = random_embeddings(n=8, dim=64, dtype=torch.float32)
     if ln_std == "mixed":
         emb.image_ln_std = torch.tensor([LN_STD_MIN, LN_STD_MAX] * 4)
@@ -476,7 +460,7 @@ def test_probabilistic_stable_at_the_clamp_edges(mode, ln_std):
     else:
         emb.image_ln_std = torch.full((8,), float(ln_std))
         emb.text_ln_std = torch.full((8,), float(ln_std))
-    _finite_loss_and_grads(module, emb)
+    finite_loss_and_grads(module, emb)
     assert torch.isfinite(module.similarity(emb.image, emb.text, emb.image_ln_std, emb.text_ln_std)).all()
 
 

@@ -368,6 +368,19 @@ class _EpochLoader(DataLoader):
             raise EmptyStreamError(_no_sample_message(stream.shards, "data.val_shards"))
 
 
+def _subset(option: str, values: Optional[list[int]], allowed: tuple[int, ...], what: str,
+            none_means: str) -> Optional[list[int]]:
+    """A caption filter option (`caption_levels`, `caption_objects`): None, or a sorted non-empty list of
+    distinct values from ``allowed``; anything else is an error that names the option."""
+    if values is None:
+        return None
+    bad = [v for v in values if isinstance(v, bool) or v not in allowed]
+    if bad or not len(values):
+        raise ValueError(f"data.{option}={list(values)!r}: give a non-empty list of {what} from {list(allowed)} "
+                         f"(or null for {none_means}); invalid: {bad or 'empty list'}")
+    return sorted({int(v) for v in values})
+
+
 class ClipDataModule(LightningDataModule):
     """Image-caption shards -> batches (see CONTRACTS.md "The batch").
 
@@ -422,20 +435,8 @@ class ClipDataModule(LightningDataModule):
         super().__init__()
         if batching not in BATCHING_MODES:
             raise ValueError(f"data.batching={batching!r}; choices: {list(BATCHING_MODES)}")
-        if caption_levels is not None:
-            bad = [v for v in caption_levels if isinstance(v, bool) or v not in CAPTION_LEVELS]
-            if bad or not len(caption_levels):
-                raise ValueError(f"data.caption_levels={list(caption_levels)!r}: give a non-empty list of "
-                                 f"specificity levels from {list(CAPTION_LEVELS)} (or null for all); "
-                                 f"invalid: {bad or 'empty list'}")
-            caption_levels = sorted({int(v) for v in caption_levels})
-        if caption_objects is not None:
-            bad = [v for v in caption_objects if isinstance(v, bool) or v not in CAPTION_OBJECTS]
-            if bad or not len(caption_objects):
-                raise ValueError(f"data.caption_objects={list(caption_objects)!r}: give a non-empty list of "
-                                 f"object counts from {list(CAPTION_OBJECTS)} (or null for any); "
-                                 f"invalid: {bad or 'empty list'}")
-            caption_objects = sorted({int(v) for v in caption_objects})
+        caption_levels = _subset("caption_levels", caption_levels, CAPTION_LEVELS, "specificity levels", "all")
+        caption_objects = _subset("caption_objects", caption_objects, CAPTION_OBJECTS, "object counts", "any")
         for name, v in (("batch_size", batch_size), ("epoch_length", epoch_length), ("max_length", max_length)):
             if v < 1:
                 raise ValueError(f"data.{name}={v} must be >= 1")

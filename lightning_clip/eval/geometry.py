@@ -13,8 +13,8 @@ Pure functions on ``[N, D]`` tensors (any float dtype; computed in float64, retu
 
 Every function that compares points on the sphere (alignment, uniformity, gap) L2-normalises inside, so
 raw head outputs can be passed. The spectral ones (`effective_rank`, `low_variance_share`) measure the
-tensor they are given; `geometry_summary` gives them the normalised embeddings, the space the losses
-score in.
+tensor they are given; `lightning_clip.eval.suite` gives them the normalised embeddings, the space the
+losses score in.
 """
 from __future__ import annotations
 
@@ -107,20 +107,3 @@ def low_variance_share(x: Tensor, threshold: float = 0.01) -> float:
     same D, or pass ``threshold = c / D`` for "under c times the uniform share"."""
     lam = covariance_spectrum(x)
     return float((lam < threshold * lam.sum()).double().mean())
-
-
-def geometry_summary(image: Tensor, text: Tensor) -> dict[str, float]:
-    """Every measure above for paired embeddings (image row i and text row i are a positive pair).
-    The spectral measures are taken on the L2-normalised embeddings, the space the losses score in."""
-    _check_pairs(image, text)
-    img, txt = _unit(image), _unit(text)
-    return {
-        "alignment": alignment(img, txt),
-        "uniformity_image": uniformity(img),
-        "uniformity_text": uniformity(txt),
-        "modality_gap": modality_gap(img, txt),
-        "effective_rank_image": effective_rank(img),
-        "effective_rank_text": effective_rank(txt),
-        "low_variance_share_image": low_variance_share(img),
-        "low_variance_share_text": low_variance_share(txt),
-    }

@@ -65,9 +65,8 @@ def calibration_metrics(ln_std: Tensor, ranks: Tensor) -> dict[str, float]:
     """Does a larger predicted variance go with worse retrieval? R@1 per log-std decile (1 = most certain),
     and the area between the sparsification curve and the oracle's (AUSE; 0 = uncertainty orders the
     errors perfectly)."""
-    hits = (ranks <= 1).float()
     out = {f"R@1_decile_{d}": v for d, v in calibration.recall_at_1_by_bin(ln_std, ranks).items()}
-    out["ause"] = calibration.ause(ln_std, 1.0 - hits)
+    out["ause"] = calibration.ause(ln_std, calibration.retrieval_error(ranks))
     return out
 
 def evaluate_split(split: EmbeddedSplit, *, dataset: str, model: str = "", pretrained: str = "",
@@ -91,20 +90,16 @@ def evaluate_split(split: EmbeddedSplit, *, dataset: str, model: str = "", pretr
         return records
     image = split.image_unit
     for task, spec in world_tasks.TASKS.items():
-        labels = [world_tasks.label(task, s) for s in split.scenes]
-        keep = torch.tensor([y is not None for y in labels])
-        if int(keep.sum()) < 2:
+        keep, y = world_tasks.labelled(task, split.scenes)
+        if len(keep) < 2:
             continue
-        y = torch.tensor([v for v in labels if v is not None])
         if text_embed_fn is not None:
             zs = zeroshot.evaluate_zero_shot(image[keep], y, text_embed_fn, spec.classnames, spec.templates)
-            records.append(rec(f"{dataset}/{task}", "zeroshot_classification", {**zs, "n": int(keep.sum())}))
+            records.append(rec(f"{dataset}/{task}", "zeroshot_classification", {**zs, "n": len(keep)}))
         if probe_train is not None:
             feats, scenes = probe_train
-            train_labels = [world_tasks.label(task, s) if s is not None else None for s in scenes]
-            tkeep = torch.tensor([v is not None for v in train_labels])
-            if len(set(train_labels) - {None}) >= 2:  # a probe needs two classes to separate
-                ty = torch.tensor([v for v in train_labels if v is not None])
-                lp = probe.linear_probe(feats[tkeep], ty, image[keep], y)
-                records.append(rec(f"{dataset}/{task}", "linear_probe", {**lp, "n_train": int(tkeep.sum())}))
+            train_keep, train_y = world_tasks.labelled(task, scenes)
+            if len(train_y.unique()) >= 2:  # a probe needs two classes to separate
+                lp = probe.linear_probe(feats[train_keep], train_y, image[keep], y)
+                records.append(rec(f"{dataset}/{task}", "linear_probe", {**lp, "n_train": len(train_keep)}))
     return records

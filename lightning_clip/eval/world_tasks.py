@@ -105,7 +105,9 @@ def label(task: str, scene: dict) -> Optional[int]:
 
 def labelled(task: str, scenes: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indices, labels)``: the positions in ``scenes`` with an unambiguous label for ``task``, and those
-    labels (both int64), ready to select embedding rows for `evaluate_zero_shot` or `linear_probe`."""
-    pairs = [(i, y) for i, y in ((i, label(task, s)) for i, s in enumerate(scenes)) if y is not None]
+    labels (both int64), ready to select embedding rows for `evaluate_zero_shot` or `linear_probe`. A scene
+    of None (an item without ground truth) has no label."""
+    pairs = [(i, y) for i, y in ((i, label(task, s) if s is not None else None) for i, s in enumerate(scenes))
+             if y is not None]
     idx, ys = zip(*pairs) if pairs else ((), ())
     return torch.tensor(idx, dtype=torch.long), torch.tensor(ys, dtype=torch.long)

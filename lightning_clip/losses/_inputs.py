@@ -97,3 +97,18 @@ def check_local(where: str, feats: Tensor, mask: Optional[Tensor], name: str, ma
         if empty.numel():
             raise ValueError(f"{where}: {mask_name} leaves no real entry for item(s) {empty.tolist()[:8]}")
     _require_finite({name: feats}, where)
+
+
+def check_token_pair(where: str, image: Tensor, image_mask: Optional[Tensor], text: Tensor,
+                     text_mask: Optional[Tensor], names: tuple[str, str, str, str]) -> tuple[Tensor, Tensor]:
+    """`check_local` on both sides of a region/word (token) pair, which must agree on N and D; returns the
+    two masks, all-True where none was given. ``names``: the four argument names, for the messages."""
+    image_name, image_mask_name, text_name, text_mask_name = names
+    check_local(where, image, image_mask, image_name, image_mask_name)
+    check_local(where, text, text_mask, text_name, text_mask_name)
+    if image.shape[0] != text.shape[0] or image.shape[2] != text.shape[2]:
+        raise ValueError(f"{where}: {image_name} [N, R, D] and {text_name} [N, L, D] must agree on N and D, got "
+                         f"{tuple(image.shape)} and {tuple(text.shape)}")
+    ones = lambda t: torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)  # noqa: E731
+    return (ones(image) if image_mask is None else image_mask,
+            ones(text) if text_mask is None else text_mask)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.losses._inputs import check_local, check_pair, full_precision, normalize
+from lightning_clip.losses._inputs import check_pair, check_token_pair, full_precision, normalize
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import gather, is_distributed, split_rows
@@ -61,24 +61,14 @@ def word_relevance(regions: Tensor, region_mask: Tensor, words: Tensor, word_mas
     return pooled / gamma2                                                 # Eq. 10
 
 
-def _local_checks(regions, region_mask, words, word_mask):
-    check_local("damsm", regions, region_mask, "regions", "region_mask")
-    check_local("damsm", words, word_mask, "words", "word_mask")
-    if regions.shape[0] != words.shape[0] or regions.shape[2] != words.shape[2]:
-        raise ValueError(f"damsm: regions [N, R, D] and words [N, L, D] must agree on N and D, got "
-                         f"{tuple(regions.shape)} and {tuple(words.shape)}")
-    ones = lambda t: torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)  # noqa: E731
-    return (ones(regions) if region_mask is None else region_mask,
-            ones(words) if word_mask is None else word_mask)
-
-
 @full_precision
 def damsm_terms(regions: Tensor, region_mask: Optional[Tensor], words: Tensor, word_mask: Optional[Tensor],
                 image: Optional[Tensor] = None, text: Optional[Tensor] = None, *, gamma1: float = 4.0,
                 gamma2: float = 5.0, gamma3: float = 10.0, gathered: bool = False) -> dict[str, Tensor]:
     """``{"word", "sentence"}`` (``sentence`` only when global ``image``/``text`` features are given),
     each the sum of its two directions."""
-    region_mask, word_mask = _local_checks(regions, region_mask, words, word_mask)
+    region_mask, word_mask = check_token_pair("damsm", regions, region_mask, words, word_mask,
+                                             ("regions", "region_mask", "words", "word_mask"))
     n = regions.shape[0]
     labels = torch.arange(n, device=regions.device)
     if gathered and is_distributed():

@@ -32,22 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.losses._inputs import check_local, check_pair, full_precision, normalize
+from lightning_clip.losses._inputs import check_pair, check_token_pair, full_precision, normalize
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import gather, is_distributed
 from lightning_clip.outputs import Embeddings, LossOutput
-
-
-def _masks(image_tokens, image_mask, text_tokens, text_mask):
-    check_local("filip", image_tokens, image_mask, "image_tokens", "image_mask")
-    check_local("filip", text_tokens, text_mask, "text_tokens", "text_mask")
-    if image_tokens.shape[0] != text_tokens.shape[0] or image_tokens.shape[2] != text_tokens.shape[2]:
-        raise ValueError(f"filip: image_tokens [N, R, D] and text_tokens [N, L, D] must agree on N and D, got "
-                         f"{tuple(image_tokens.shape)} and {tuple(text_tokens.shape)}")
-    ones = lambda t: torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)  # noqa: E731
-    return (ones(image_tokens) if image_mask is None else image_mask,
-            ones(text_tokens) if text_mask is None else text_mask)
 
 
 def pack_tokens(tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -93,7 +82,8 @@ def filip_terms(image_tokens: Tensor, image_mask: Optional[Tensor], text_tokens:
                 text_mask: Optional[Tensor], logit_scale, *, normalize_inputs: bool = False,
                 gathered: bool = False) -> dict[str, Tensor]:
     """``{"i2t", "t2i"}``: CE of the local image rows over s^I and of the local caption rows over s^T."""
-    image_mask, text_mask = _masks(image_tokens, image_mask, text_tokens, text_mask)
+    image_mask, text_mask = check_token_pair("filip", image_tokens, image_mask, text_tokens, text_mask,
+                                             ("image_tokens", "image_mask", "text_tokens", "text_mask"))
     if normalize_inputs:
         image_tokens, text_tokens = normalize(image_tokens), normalize(text_tokens)
     labels = torch.arange(image_tokens.shape[0], device=image_tokens.device)
