@@ -408,8 +408,10 @@ def test_clip_module_fit_logs_callback_tags(tmp_path, loss, monkeypatch):
 
 
 # -- distributed: two gloo processes see disjoint halves (plus padding repeats) and agree with one process ---
-def _ddp_worker(rank, world, port, items, image, text, queue):
+def _ddp_worker(rank, world, port, items, image, text, queue, sync_dir):
     import torch.distributed as dist
+
+    from _gloo import leave_together
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -421,13 +423,16 @@ def _ddp_worker(rank, world, port, items, image, text, queue):
         run_validation([RetrievalCallback(), VarianceCallback()], module, [items[i] for i in idx], image[idx],
                        text[idx], ln_std=(image[idx, 0], text[idx, 0]), batch=4)
         queue.put((rank, module.logged))
+        queue.close()
+        queue.join_thread()  # the result is in the pipe before this process may leave without finalising
     finally:
         dist.destroy_process_group()
+    leave_together(sync_dir, rank, world)
 
 
 @pytest.mark.slow  # ~10 s: two spawned interpreters importing torch
 @pytest.mark.distributed
-def test_two_ranks_gather_and_deduplicate():
+def test_two_ranks_gather_and_deduplicate(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -441,7 +446,7 @@ def test_two_ranks_gather_and_deduplicate():
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, items, image, text, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, items, image, text, queue, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=120) for _ in procs)

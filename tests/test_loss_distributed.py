@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from _gloo import leave_together
 from _loss_helpers import CASES, case_id, word_mask_for
 from lightning_clip.losses import build_loss
 from lightning_clip.outputs import Embeddings
@@ -80,13 +81,13 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             model = Tiny(case).double()
             ddp = nn.parallel.DistributedDataParallel(model)
             results[case_id(case)] = loss_and_grads(model, ddp(batch))
+        del ddp, model  # the DDP reducers hold the group: gone before it is destroyed
         results["options"] = options_under_ddp(batch)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        # both ranks done before either tears down: a peer closing its gloo pairs under the other's
-        # feet aborted a process once ("terminate called without an active exception") on a loaded box
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave_together(out_dir, rank, WORLD)
 
 
 def options_under_ddp(batch: dict) -> dict:
