@@ -1,7 +1,7 @@
 """How much of a training step is the towers? End-to-end fit throughput next to the bare towers.
 
-    python benchmarks/train_throughput.py [--steps 100] [--warmup 5] [--batch-size 64] [--threads N]
-                                          [--config experiments/base.yaml [--config CELL.yaml ...]]
+    python benchmarks/train_throughput.py [--steps 100] [--warmup 5] [--every 50] [--batch-size 64]
+                                          [--threads N] [--config experiments/base.yaml [--config ...]]
 
 Prints, for the configuration the CLI would run (same parser, links, callbacks, logger, thread policy):
 - end-to-end samples/s of `Trainer.fit` with the real `ClipModule` + `ClipDataModule` + TensorBoard logging
@@ -9,8 +9,9 @@ Prints, for the configuration the CLI would run (same parser, links, callbacks, 
   time inside steps (forward, loss, backward, AdamW, logging calls, callbacks) and between steps (waiting
   for the loader, logger writes, loop bookkeeping);
 - samples/s of forward+backward+AdamW of the same towers and heads on ready in-memory tensors (same batch
-  shapes, precision, thread count; a sum of the projections stands in for the loss), the mean of one
-  measurement before and one after the fit so that a shared machine's drift hits both sides alike;
+  shapes, precision, thread count; a sum of the projections stands in for the loss), measured in blocks
+  of `--every` steps that alternate with the fit's own blocks in the same run, so that a shared machine's
+  drift hits both sides alike (the fit's step after a tower block is timed from the block's end);
 - the overhead: the share of an end-to-end step not spent in the towers (module, loss, logging, data).
 """
 from __future__ import annotations
@@ -36,11 +37,18 @@ import lightning as L  # noqa: E402
 
 
 class StepTimer(L.Callback):
-    """perf_counter at each step's start and end (after the optimizer step and the other callbacks)."""
+    """perf_counter at each step's start and end (after the optimizer step and the other callbacks).
 
-    def __init__(self):
+    With ``towers`` (a no-argument function that times one block of bare tower steps and returns their
+    seconds), a block runs after every ``every`` steps, so that the two measurements alternate through the
+    run and a shared machine's drift hits both alike; the step after a block has its cycle measured from
+    the block's end. Blocks start after ``after`` steps (the untimed warmup)."""
+
+    def __init__(self, towers=None, every: int = 50, after: int = 0):
         self.starts: list[float] = []
         self.ends: list[float] = []
+        self.resumed: list[float] = []  # per step: when the next cycle starts (its end, or a block's end)
+        self.towers, self.every, self.after, self.tower_times = towers, every, after, []
 
     # asked once: on a CUDA build without a GPU each call probes NVML (~0.25 ms), which would be charged
     # to the end-to-end step twice per step
@@ -57,12 +65,15 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, *args) -> None:
         self.ends.append(self._now())
+        if self.towers is not None and len(self.ends) > self.after and len(self.ends) % self.every == 0:
+            self.tower_times += self.towers()
+        self.resumed.append(self._now() if self.towers is not None else self.ends[-1])
 
     def split(self, warmup: int, steps: int) -> tuple[list[float], list[float]]:
         """Per step after `warmup` steps: (full cycle, end to end; the part inside the step)."""
         if len(self.ends) < warmup + steps:
             raise RuntimeError(f"only {len(self.ends)} steps ran; expected {warmup + steps}")
-        cycles = [self.ends[i] - self.ends[i - 1] for i in range(warmup, warmup + steps)]
+        cycles = [self.ends[i] - self.resumed[i - 1] for i in range(warmup, warmup + steps)]
         inside = [e - s for s, e in zip(self.starts[warmup:warmup + steps], self.ends[warmup:warmup + steps])]
         return cycles, inside
 
@@ -82,9 +93,9 @@ def build(configs: list[str], max_steps: int, batch_size: int | None, run_dir: s
     return ClipCLI(ClipModule, ClipDataModule, args=args, run=False, save_config_kwargs={"overwrite": True})
 
 
-def tower_steps(module, trainer, batch_size: int, image_size: int, length: int, vocab: int,
-               steps: int, warmup: int) -> list[float]:
-    """Seconds of each forward+backward+AdamW step of the towers and heads alone on in-memory tensors."""
+def tower_steps(module, trainer, batch_size: int, image_size: int, length: int, vocab: int):
+    """A function ``(steps, warmup) -> seconds of each step``: forward+backward+AdamW of the towers and
+    heads alone on in-memory tensors, after ``warmup`` untimed steps."""
     device = trainer.strategy.root_device
     module = module.to(device).train()
     g = torch.Generator().manual_seed(0)
@@ -106,20 +117,25 @@ def tower_steps(module, trainer, batch_size: int, image_size: int, length: int, 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = StepTimer._now()
-        step()
-        times.append(StepTimer._now() - t0)
-    return times
+    def block(steps: int, warmup: int) -> list[float]:
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(steps):
+            t0 = StepTimer._now()
+            step()
+            times.append(StepTimer._now() - t0)
+        return times
+
+    return block
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=100, help="timed steps (after the warmup)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (loader start, allocator)")
+    p.add_argument("--every", type=int, default=50,
+                   help="steps per block: fit and bare-tower blocks of this many steps alternate")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's data.batch_size")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads; default: the CLI's policy (OMP_NUM_THREADS, else cores - workers)")
@@ -142,19 +158,18 @@ def main() -> None:
         print(f"# configs {' + '.join(configs)}: image {model.hparams.image_model} @ {dm.image_size}px, "
               f"text {model.hparams.text_model or 'BERT from text_config'}, loss {model.hparams.loss}, "
               f"batch {bs}, {dm.num_workers} loader workers, max_length {dm.max_length}")
-        shapes = dict(batch_size=bs, image_size=dm.image_size, length=dm.max_length, vocab=dm.vocab_size,
-                      steps=a.steps, warmup=a.warmup)
-        towers = tower_steps(copy.deepcopy(model), trainer, **shapes)
-
-        timer = StepTimer()
+        block = tower_steps(copy.deepcopy(model), trainer, batch_size=bs, image_size=dm.image_size,
+                            length=dm.max_length, vocab=dm.vocab_size)
+        # tower blocks of a.every steps (after 3 untimed ones) between the fit's blocks of a.every steps
+        timer = StepTimer(towers=lambda: block(a.every, 3), every=a.every, after=a.warmup)
         trainer.callbacks.append(timer)
         trainer.fit(model, datamodule=dm)
         cycles, inside = timer.split(a.warmup, a.steps)
-        towers += tower_steps(copy.deepcopy(model), trainer, **shapes)
+        towers = timer.tower_times
 
     # Medians of per-step times: this 2-core machine is shared, and a neighbour's burst lands on whichever
     # side happens to run then (means of identical tower runs differed by up to 10% here); the mean is
-    # printed too. Towers: the steps of both measurements, before and after the fit, pooled.
+    # printed too. The two alternate in blocks through one run, so drift hits both alike.
     rows = [("towers: forward+backward+AdamW, in-memory tensors", towers),
             ("end to end: Trainer.fit, ClipDataModule, logging, callbacks", cycles),
             ("- inside steps (module, loss, backward, AdamW, log calls, callbacks)", inside),

@@ -381,7 +381,7 @@ def test_finished_runs_get_evaluated_once_and_copies_share_their_originals_eval(
     assert ablate.main(["--seeds", "1", "--ablation", "toy", "zz_other"]) == 0  # the fake skips eval
     evaluated = []
 
-    def fake_evaluate(todo, jobs, quick):
+    def fake_evaluate(todo, jobs, quick, fork):
         for run in todo:
             evaluated.append(str(run.run_dir))
             (run.run_dir / ablate.EVAL_FILE).write_text(json.dumps([{"run": str(run.run_dir)}]))
@@ -403,6 +403,7 @@ def test_a_failed_evaluation_is_reported_with_its_log(project, monkeypatch):
     assert ablate.main(["--seeds", "1", "--ablation", "toy"]) == 0
     runs = ablate.plan_runs(ablate.load_ablation("toy"), [0], Path("runs"))
     # the real command on a fake run (no checkpoint): it must fail, and say where to look
-    problems = ablate._evaluate(runs[:1], jobs=1, quick=True)
-    assert len(problems) == 1 and "eval of toy/a seed 0 failed" in problems[0] and "eval.log" in problems[0]
-    assert "no checkpoint" in (project / "runs/toy/a/seed_0" / ablate.EVAL_LOG).read_text()
+    for fork in (False, True):  # a fresh interpreter, and a child forked from this one (the default)
+        problems = ablate._evaluate(runs[:1], jobs=1, quick=True, fork=fork)
+        assert len(problems) == 1 and "eval of toy/a seed 0 failed" in problems[0] and "eval.log" in problems[0]
+        assert "no checkpoint" in (project / "runs/toy/a/seed_0" / ablate.EVAL_LOG).read_text()

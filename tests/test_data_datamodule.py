@@ -267,6 +267,11 @@ def test_transform_takes_tensors_and_pil_alike_and_normalises():
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     torch.testing.assert_close(out, (x.float() / 255 - mean) / std)
     assert ImageTransform(4)(x).shape == (3, 4, 4)  # resize + centre crop when the size differs
+    # the loader normalises whole (channels_last) batches: the same values, bit for bit, as image by image
+    batch = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    once = t.normalize(batch)
+    assert once.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(once, torch.stack([t(img) for img in batch]))
 
 
 def test_prefetch_thread_yields_the_same_training_stream_over_epochs(world):
@@ -283,6 +288,52 @@ def test_prefetch_thread_yields_the_same_training_stream_over_epochs(world):
     plain, threaded = epochs(False), epochs(True)
     assert threaded == plain and all(len(e) == 40 for e in threaded) and plain[0] != plain[1]
     assert _dm(world, num_workers=1).train_dataloader().prefetch_thread  # on for training
+
+
+def _stream(dm, epochs: int) -> list[dict]:
+    loader = dm.train_dataloader()
+    return [b for _ in range(epochs) for b in loader]
+
+
+def test_record_cache_gives_the_same_batches_and_skips_decoding(world, monkeypatch):
+    from lightning_clip.data import datamodule
+
+    reads = []
+    real = datamodule.iter_records
+    monkeypatch.setattr(datamodule, "iter_records", lambda shard, on_bad: reads.append(shard) or real(shard, on_bad))
+    plain = _stream(_dm(world, epoch_length=40), 4)
+    uncached_reads, reads[:] = len(reads), []
+    dm = _dm(world, epoch_length=40, cache_records=1000)
+    cached = _stream(dm, 4)
+    assert len(cached) == len(plain) == 20
+    for a, b in zip(plain, cached):
+        assert a["meta"]["key"] == b["meta"]["key"]
+        for name in ("image", "input_ids", "attention_mask"):
+            assert torch.equal(a[name], b[name]), name
+    shards = expand_shards(str(world / "train"), "train_shards")
+    # every shard decoded at most once (a pass cut at an epoch's end may read one again), and all are kept
+    assert len(reads) <= 2 * len(shards) < uncached_reads
+    assert set(dm._train._cache) == set(shards) and dm._train._cached == 40
+
+
+def test_record_cache_keeps_no_shard_with_a_bad_sample_nor_more_than_its_room(bad_shards, world, tok):
+    def run(d, **kw):
+        dm = ClipDataModule(str(d), str(d), batch_size=2, num_workers=0, epoch_length=8, shuffle_buffer=4,
+                            tokenizer=tok, **kw)
+        dm.setup("fit")
+        with pytest.warns(DataWarning):
+            keys = [k for b in _stream(dm, 3) for k in b["meta"]["key"]]
+        return dm, keys
+
+    plain, keys = run(bad_shards)
+    dm, cached_keys = run(bad_shards, cache_records=100)
+    # both shards have a bad sample: nothing kept, and the skips are warned and counted on every read
+    assert dm._train._cache == {} and cached_keys == keys and dm.skipped == plain.skipped > 4
+    small = _dm(world, epoch_length=40, cache_records=3)  # fewer than any shard holds
+    _stream(small, 2)
+    assert small._train._cache == {} and small._train._cached == 0
+    with pytest.raises(ValueError, match="data.cache_records=-1"):
+        _dm(world, cache_records=-1)
 
 
 def test_prefetch_thread_stops_mid_epoch_and_reraises_loader_errors():

@@ -69,3 +69,20 @@ def test_the_tokenizer_module_imports_nothing_of_the_data_package():
     imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in imported if m.startswith("lightning_clip.data")], imported
+
+
+def test_caption_encoder_rows_equal_the_tokenizer_and_the_memo_starts_over_when_full():
+    import torch
+
+    from lightning_clip.models.tokenizer import CaptionEncoder
+
+    corpus = ["A Dog runs on the grass .", "a dog jumps", "The dog and the cat sat on a very long mat today"]
+    tok = train_wordpiece(corpus * 20, vocab_size=200)
+    enc = CaptionEncoder(tok, max_length=6, capacity=3)
+    # repeats, a caption longer than max_length (truncated), then new captions past the capacity
+    for batch in (corpus + corpus[:1], corpus[::-1], ["a cat", "the grass", corpus[0]]):
+        ids, mask = enc(batch)
+        ref = tok(batch, padding="max_length", truncation=True, max_length=6, return_tensors="pt")
+        assert ids.dtype == mask.dtype == torch.long and ids.shape == (len(batch), 6)
+        assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+        assert len(enc._rows) <= 3

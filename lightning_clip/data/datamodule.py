@@ -22,7 +22,7 @@ import threading
 import warnings
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lightning_clip.data.shards import Record, SkipPolicy, expand_shards, iter_captions, iter_records
 from lightning_clip.data.synthetic import relevance_matrix
 from lightning_clip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+from lightning_clip.models.tokenizer import CaptionEncoder
 
 BATCHING_MODES = ("image", "caption")
 # Items per training epoch: the size of the synthetic training set. Each epoch restarts the workers'
@@ -56,8 +57,12 @@ def _no_sample_message(shards: list[str], option: str) -> str:
 
 
 def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length: int,
-            ground_truth: bool = True) -> dict:
+            ground_truth: bool = True, normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
     """(record, caption index, image tensor) items -> the batch dict of CONTRACTS.md.
+
+    ``tokenizer`` is a tokenizer or a `CaptionEncoder` (which memoises each caption's row). With
+    ``normalize`` (`ImageTransform.normalize`) the items' images are uint8 and are normalised here, once
+    per batch; without it they are used as they are.
 
     ``ground_truth=False`` (training batches) leaves out ``scene`` and ``constraints``: only validation's
     semantic recall reads them, and 64 nested dicts per batch cost ~5 ms of every training step (pickled
@@ -68,16 +73,17 @@ def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length
     diagonal always is). ~0.2 ms per batch of 64, in the worker. Real data gets no such key.
     """
     captions = [r.captions[k] for r, k, _ in items]
-    tok = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt")
+    encode = tokenizer if isinstance(tokenizer, CaptionEncoder) else CaptionEncoder(tokenizer, max_length)
+    input_ids, attention_mask = encode(captions)
+    # NHWC, the layout the image tower runs in (model.channels_last), made here in the loader worker
+    # instead of in the training loop (0.5 ms of its step); values are the same in either layout
+    images = torch.stack([x for _, _, x in items]).contiguous(memory_format=torch.channels_last)
     info = [r.caption_info[k] if r.caption_info else None for r, k, _ in items]
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     batch = {
-        # NHWC, the layout the image tower runs in (model.channels_last), made here in the loader worker
-        # instead of in the training loop (0.5 ms of its step); values are the same in either layout
-        "image": torch.stack([x for _, _, x in items]).contiguous(memory_format=torch.channels_last),
-        "input_ids": tok["input_ids"].long(),
-        "attention_mask": tok["attention_mask"].long(),
+        "image": images if normalize is None else normalize(images),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "meta": {
             "key": [f"{r.key}#{k}" for r, k, _ in items],
             "caption": captions,
@@ -115,12 +121,16 @@ class ShardStream(IterableDataset):
                  tokenizer, max_length: int, on_bad: SkipPolicy, batching: str = "image",
                  shuffle_buffer: int = 1000, epoch_length: int = EPOCH_LENGTH, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, caption_levels: Optional[tuple[int, ...]] = None,
-                 caption_objects: Optional[tuple[int, ...]] = None):
+                 caption_objects: Optional[tuple[int, ...]] = None, cache_records: int = 0):
         super().__init__()
         self.caption_levels = None if caption_levels is None else frozenset(caption_levels)
         self.caption_objects = None if caption_objects is None else frozenset(caption_objects)
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.transform, self.tokenizer, self.max_length, self.on_bad = transform, tokenizer, max_length, on_bad
+        self.encoder = CaptionEncoder(tokenizer, max_length)
+        # decoded records of whole shards read without a problem, kept by the (persistent) worker: later
+        # passes over a shard skip the tar, JSON and JPEG decoding (see `ClipDataModule`'s cache_records)
+        self.cache_records, self._cache, self._cached = cache_records, {}, 0
         self.batching, self.shuffle_buffer, self.epoch_length, self.seed = batching, shuffle_buffer, epoch_length, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 0)
         self.epoch = 0   # set by the loader in the main process before each pass
@@ -193,7 +203,7 @@ class ShardStream(IterableDataset):
         while True:
             shard = self.shards[rng.randrange(len(self.shards))]
             found = False
-            for r in iter_records(shard, self.on_bad):
+            for r in self._shard_records(shard):
                 found = found or self._usable(r)
                 yield r
             if found:
@@ -208,6 +218,28 @@ class ShardStream(IterableDataset):
                             "data.batching=caption no image has a caption they allow")
                 raise EmptyStreamError(msg)
 
+    def _shard_records(self, shard: str) -> Iterator[Record]:
+        """``iter_records(shard)``, from the record cache when the shard is in it. A shard is kept only
+        when it was read to its end without a bad sample (so skip counts and warnings repeat on every
+        read exactly as without the cache) and only while the cache has room for all of it."""
+        if shard in self._cache:
+            yield from self._cache[shard]
+            return
+        problems = 0
+
+        def on_bad(*args, **kwargs):
+            nonlocal problems
+            problems += 1
+            self.on_bad(*args, **kwargs)
+
+        kept: Optional[list[Record]] = [] if self._cached < self.cache_records else None
+        for r in iter_records(shard, on_bad):
+            if kept is not None:
+                kept.append(r)
+            yield r
+        if kept is not None and not problems and self._cached + len(kept) <= self.cache_records:
+            self._cache[shard], self._cached = kept, self._cached + len(kept)
+
     def _train_items(self, rng: random.Random):
         import webdataset as wds
 
@@ -218,7 +250,7 @@ class ShardStream(IterableDataset):
                 # an image with no caption at the chosen levels falls back to all of its captions
                 ks = self._allowed(r) or None
                 k = rng.randrange(len(r.captions)) if ks is None else ks[rng.randrange(len(ks))]
-                yield r, k, self.transform(r.image)
+                yield r, k, self.transform.geometry_only(r.image)
         else:
             # every caption of an image, kept close together so that the image repeats within a batch;
             # a batch-sized buffer mixes their positions
@@ -229,14 +261,14 @@ class ShardStream(IterableDataset):
                         ks = range(len(r.captions))
                     elif not ks:
                         continue  # only the captions at the chosen levels are emitted
-                    x = self.transform(r.image)
+                    x = self.transform.geometry_only(r.image)
                     for k in ks:
                         yield r, k, x
             yield from wds.shuffle(self.batch_size, initial=self.batch_size, rng=rng)(expanded())
 
     def _val_items(self, shards):
         for r in self._records(shards):
-            x = self.transform(r.image)
+            x = self.transform.geometry_only(r.image)
             for k in range(len(r.captions)):
                 yield r, k, x
 
@@ -245,10 +277,12 @@ class ShardStream(IterableDataset):
         for item in items:
             buf.append(item)
             if len(buf) == self.batch_size:
-                yield collate(buf, self.tokenizer, self.max_length, ground_truth=not self.train)
+                yield collate(buf, self.encoder, self.max_length, ground_truth=not self.train,
+                              normalize=self.transform.normalize)
                 buf = []
         if buf and partial:
-            yield collate(buf, self.tokenizer, self.max_length, ground_truth=not self.train)
+            yield collate(buf, self.encoder, self.max_length, ground_truth=not self.train,
+                          normalize=self.transform.normalize)
 
 
 def _rare_gc(worker_id: int = 0) -> None:
@@ -421,6 +455,10 @@ class ClipDataModule(LightningDataModule):
             one, "a cross and a star" two); None = any. Combined with ``caption_levels`` (both must hold),
             the same fallback rules. ``[1]`` with level 1 leaves the vaguest captions, which fit the most
             images: the most false negatives per batch (the `duplicates` ablation). Synthetic data only.
+        cache_records: decoded training samples each loader worker may keep in memory (0: none). Whole
+            shards are kept, first come first kept, and later passes over them skip the tar, JSON and
+            image decoding; the batches are the same. Roughly image bytes plus a few KB per sample: the
+            synthetic world's 20,000 at 48 px take ~250 MB per worker.
     """
 
     def __init__(self, train_shards: str = "data/synthetic/train", val_shards: str = "data/synthetic/val",
@@ -431,7 +469,8 @@ class ClipDataModule(LightningDataModule):
                  strict: bool = False, mean: tuple[float, float, float] = CLIP_MEAN,
                  std: tuple[float, float, float] = CLIP_STD, augment: bool = False,
                  generate: Optional[dict[str, Any]] = None, seed: int = 0,
-                 caption_levels: Optional[list[int]] = None, caption_objects: Optional[list[int]] = None):
+                 caption_levels: Optional[list[int]] = None, caption_objects: Optional[list[int]] = None,
+                 cache_records: int = 0):
         super().__init__()
         if batching not in BATCHING_MODES:
             raise ValueError(f"data.batching={batching!r}; choices: {list(BATCHING_MODES)}")
@@ -440,6 +479,8 @@ class ClipDataModule(LightningDataModule):
         for name, v in (("batch_size", batch_size), ("epoch_length", epoch_length), ("max_length", max_length)):
             if v < 1:
                 raise ValueError(f"data.{name}={v} must be >= 1")
+        if cache_records < 0:
+            raise ValueError(f"data.cache_records={cache_records} must be >= 0 (0 keeps nothing)")
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -447,7 +488,7 @@ class ClipDataModule(LightningDataModule):
         self.epoch_length, self.shuffle_buffer, self.batching = epoch_length, shuffle_buffer, batching
         self.strict, self.mean, self.std, self.augment = strict, tuple(mean), tuple(std), augment
         self.generate, self.seed, self.caption_levels = generate, seed, caption_levels
-        self.caption_objects = caption_objects
+        self.caption_objects, self.cache_records = caption_objects, cache_records
         self._skips = SkipPolicy(strict)
         # Workers fork after the tokenizer may have run here; its Rust thread pool must stay off.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -521,7 +562,7 @@ class ClipDataModule(LightningDataModule):
                 transform=ImageTransform(self.image_size, self.mean, self.std, augment=self.augment),
                 batching=self.batching, shuffle_buffer=self.shuffle_buffer, epoch_length=self.epoch_length,
                 seed=self.seed, caption_levels=self.caption_levels,
-                caption_objects=self.caption_objects, **common)
+                caption_objects=self.caption_objects, cache_records=self.cache_records, **common)
         if stage in (None, "fit", "validate", "test"):
             shards = expand_shards(self.val_shards, "val_shards")
             if len(shards) < world * max(1, self.num_workers):

@@ -33,8 +33,17 @@ class ImageTransform:
         self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(3, 1, 1)
         self.shift = (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(3, 1, 1)
 
-    def __call__(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+    def geometry_only(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        """The resize/crop (or augmentation) alone: uint8 ``[3, S, S]``."""
         x = image if isinstance(image, torch.Tensor) else v2.functional.pil_to_tensor(image.convert("RGB"))
         if self.augment or x.shape[-2:] != (self.image_size, self.image_size):
             x = self.geometry(x)
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[..., 3, S, S]`` -> float32, normalised; keeps the memory format (channels_last
+        batches stay channels_last). One call per batch costs a fraction of one call per image."""
         return x.to(torch.float32).mul_(self.scale).add_(self.shift)
+
+    def __call__(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        return self.normalize(self.geometry_only(image))
