@@ -6,6 +6,7 @@ Prints
 - generation samples/s of the synthetic world (one process, 64x64, JPEG, written to shards);
 - loader samples/s of `ClipDataModule` at the default config (batch 64, 2 workers, shuffle buffer 1000),
   steady state (the first batch, which includes worker start-up and the buffer fill, is excluded);
+- loader worker CPU per training sample (in-process), without and with the decoded-record cache;
 - tar reading, us per member: the loader's own header reader against tarfile, with a check that both
   give the same members;
 - image decode, ms per image: PIL + PIL-to-tensor against the loader's `decode_image` (torchvision), on the
@@ -53,6 +54,34 @@ def bench_loader(root: Path, batches: int, workers: int = 2) -> tuple[float, Cli
     for b in itertools.islice(it, batches):
         n += b["image"].shape[0]
     return n / (time.perf_counter() - t0), dm
+
+
+def bench_worker_cost(root: Path, batches: int, num_train: int) -> None:
+    """CPU of one loader worker per training sample, in-process (no worker processes, one thread), in its
+    steady state: without and with the decoded-record cache (``data.cache_records``, base.yaml's
+    20,000), the latter after one pass over every shard has filled it. Also checks that both give the
+    same batches."""
+    warm = 3 * -(-num_train // 64)  # three passes' worth of batches (shards are drawn with replacement)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cost, first = {}, {}
+        for cache in (0, 20000):
+            dm = ClipDataModule(str(root / "train"), str(root / "val"), num_workers=0, cache_records=cache,
+                                epoch_length=10**9)
+            dm.setup("fit")
+            it = iter(dm.train_dataloader())
+            first[cache] = [next(it) for _ in range(warm)][-1]
+            t0 = time.perf_counter()
+            n = sum(b["image"].shape[0] for b in itertools.islice(it, batches))
+            cost[cache] = 1e6 * (time.perf_counter() - t0) / n
+            held = dm._train._cached
+    finally:
+        torch.set_num_threads(threads)
+    same = all(torch.equal(first[0][k], first[20000][k]) for k in ("image", "input_ids", "attention_mask"))
+    print(f"loader worker CPU per training sample (in-process, 1 thread, after {warm} batches): "
+          f"{cost[0]:.0f} us without the record cache, {cost[20000]:.0f} us with it "
+          f"({cost[0] / cost[20000]:.1f}x; the cache held {held:,} of {num_train:,} samples); same batches: {same}")
 
 
 def bench_relevance(root: Path) -> float:
@@ -185,6 +214,7 @@ def main() -> None:
         load, dm = bench_loader(root, a.batches)
         print(f"loader (batch 64, 2 workers):  {load:,.0f} samples/s")
         bench_tar(root)
+        bench_worker_cost(root, a.batches, a.num_train)
         bench_decode(root)
         bench_relevance(root)
         train = bench_training(dm, a.steps)

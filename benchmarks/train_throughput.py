@@ -160,8 +160,9 @@ def main() -> None:
               f"batch {bs}, {dm.num_workers} loader workers, max_length {dm.max_length}")
         block = tower_steps(copy.deepcopy(model), trainer, batch_size=bs, image_size=dm.image_size,
                             length=dm.max_length, vocab=dm.vocab_size)
-        # tower blocks of a.every steps (after 3 untimed ones) between the fit's blocks of a.every steps
-        timer = StepTimer(towers=lambda: block(a.every, 3), every=a.every, after=a.warmup)
+        # tower blocks of `every` steps (after 3 untimed ones) between the fit's blocks of `every` steps
+        every = max(1, min(a.every, a.steps))  # at least one tower block inside the timed steps
+        timer = StepTimer(towers=lambda: block(every, 3), every=every, after=a.warmup)
         trainer.callbacks.append(timer)
         trainer.fit(model, datamodule=dm)
         cycles, inside = timer.split(a.warmup, a.steps)
