@@ -63,3 +63,30 @@ def test_args_from_python_raise_no_lightning_warning_about_sys_argv(monkeypatch)
         warnings.simplefilter("always")
         parse("--config", str(BASE))
     assert not [w for w in caught if "args parameter" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_without_a_gpu_optimizer_steps_stop_probing_nvml(monkeypatch):
+    import torch
+
+    import lightning_clip.cli as cli
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the NVML check is left as Lightning set it")
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # what importing Lightning does
+    probes = []
+    real = torch.cuda._device_count_nvml
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: probes.append(1) or real())
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], fused=True)
+
+    def step():
+        p.grad = torch.ones(3)
+        opt.step()
+
+    step()
+    assert probes, "the check this guards against is gone from torch: drop _cheap_cuda_probe"
+    cli._cheap_cuda_probe()
+    probes.clear()
+    for _ in range(3):
+        step()
+    assert probes == [] and not torch.cuda.is_available()

@@ -336,6 +336,27 @@ def test_record_cache_keeps_no_shard_with_a_bad_sample_nor_more_than_its_room(ba
         _dm(world, cache_records=-1)
 
 
+def test_small_tensors_leave_the_worker_by_value_and_arrive_as_the_same_tensors(world):
+    from lightning_clip.data.datamodule import _Inline, _pack
+
+    in_process = list(_dm(world, num_workers=0).val_dataloader())
+    from_worker = list(_dm(world, num_workers=1).val_dataloader())
+    assert len(in_process) == len(from_worker) > 1
+    for a, b in zip(in_process, from_worker):
+        for part_a, part_b in ((a, b), (a["meta"], b["meta"])):
+            assert part_a.keys() == part_b.keys()
+            for k, v in part_a.items():
+                if isinstance(v, torch.Tensor):
+                    w = part_b[k]
+                    assert isinstance(w, torch.Tensor) and w.dtype == v.dtype and torch.equal(w, v), k
+                elif k != "meta":
+                    assert part_b[k] == v, k
+    packed = _pack(in_process[0])
+    # the images (8 x 3 x 64 x 64 float32, 393 KB) go through shared memory, the rest by value
+    assert isinstance(packed["image"], torch.Tensor) and isinstance(packed["input_ids"], _Inline)
+    assert all(isinstance(v, _Inline) for v in packed["meta"].values() if not isinstance(v, list))
+
+
 def test_prefetch_thread_stops_mid_epoch_and_reraises_loader_errors():
     from lightning_clip.data.datamodule import _ThreadedIterator
 
