@@ -506,7 +506,7 @@ class ClipDataModule(LightningDataModule):
         cache_records: decoded training samples each loader worker may keep in memory (0: none). Whole
             shards are kept, first come first kept, and later passes over them skip the tar, JSON and
             image decoding; the batches are the same. Roughly image bytes plus a few KB per sample: the
-            synthetic world's 20,000 at 48 px take ~250 MB per worker.
+            synthetic world's 20,000 at 48 px take ~280 MB per worker.
     """
 
     def __init__(self, train_shards: str = "data/synthetic/train", val_shards: str = "data/synthetic/val",
