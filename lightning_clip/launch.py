@@ -67,7 +67,7 @@ def _child(args: Sequence[str], log: IO[bytes], env: Mapping[str, str], parent: 
     if env.get("OMP_NUM_THREADS", "").isdigit():
         # OpenMP and OpenBLAS read OMP_NUM_THREADS when the runner loaded them, not now: apply the run's
         # value to every thread pool (with two BLAS threads per evaluation, its small L-BFGS products
-        # for the linear probes ran 4x slower than in a fresh interpreter)
+        # for the linear probes ran several times slower than in a fresh interpreter)
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(int(env["OMP_NUM_THREADS"]))

@@ -36,7 +36,7 @@ from torch import Tensor
 from lightning_clip.losses._inputs import check_pair, check_token_pair, full_precision, normalize
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
-from lightning_clip.losses.distributed import gather, is_distributed, split_rows
+from lightning_clip.losses.distributed import gather_tokens, is_distributed, split_rows
 from lightning_clip.outputs import Embeddings, LossOutput
 
 _EPS = 1e-8  # AttnGAN's cosine_similarity clamps the norm product at 1e-8
@@ -72,10 +72,8 @@ def damsm_terms(regions: Tensor, region_mask: Optional[Tensor], words: Tensor, w
     n = regions.shape[0]
     labels = torch.arange(n, device=regions.device)
     if gathered and is_distributed():
-        regions_all, offset = gather(regions)
-        region_mask_all = gather(region_mask, False)[0]
-        words_all = gather(words)[0]
-        word_mask_all = gather(word_mask, False)[0]
+        regions_all, region_mask_all, offset = gather_tokens(regions, region_mask)
+        words_all, word_mask_all, _ = gather_tokens(words, word_mask)
         labels = labels + offset
         i2t = word_relevance(regions, region_mask, words_all, word_mask_all, gamma1, gamma2)
         t2i = word_relevance(regions_all, region_mask_all, words, word_mask, gamma1, gamma2).T

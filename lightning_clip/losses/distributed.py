@@ -66,6 +66,13 @@ def gather(t: Tensor, pad_value=0) -> tuple[Tensor, int]:
     return torch.cat(parts), offset
 
 
+def gather_tokens(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Every rank's token features ``[N, L, D]`` and their boolean mask ``[N, L]`` (ranks may differ in
+    L: shorter ones are padded with masked-out tokens); returns ``(tokens, mask, offset)``."""
+    tokens_all, offset = gather(tokens)
+    return tokens_all, gather(mask, False)[0], offset
+
+
 def gather_optional(t: Optional[Tensor], pad_value=0) -> Optional[Tensor]:
     return None if t is None else gather(t, pad_value)[0]
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from lightning_clip.losses._inputs import check_pair, check_token_pair, full_precision, normalize
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
-from lightning_clip.losses.distributed import gather, is_distributed
+from lightning_clip.losses.distributed import gather_tokens, is_distributed
 from lightning_clip.outputs import Embeddings, LossOutput
 
 
@@ -88,10 +88,8 @@ def filip_terms(image_tokens: Tensor, image_mask: Optional[Tensor], text_tokens:
         image_tokens, text_tokens = normalize(image_tokens), normalize(text_tokens)
     labels = torch.arange(image_tokens.shape[0], device=image_tokens.device)
     if gathered and is_distributed():
-        image_all, offset = gather(image_tokens)
-        image_mask_all = gather(image_mask, False)[0]
-        text_all = gather(text_tokens)[0]
-        text_mask_all = gather(text_mask, False)[0]
+        image_all, image_mask_all, offset = gather_tokens(image_tokens, image_mask)
+        text_all, text_mask_all, _ = gather_tokens(text_tokens, text_mask)
         labels = labels + offset
         i2t = token_similarity(image_tokens, image_mask, text_all, text_mask_all, "image")[0]
         t2i = token_similarity(image_all, image_mask_all, text_tokens, text_mask, "text")[1].T

@@ -35,7 +35,7 @@ from lightning_clip.losses._inputs import _require_finite, check_pair, full_prec
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import gather, split_rows
-from lightning_clip.losses.probabilistic import LN_STD_MAX, LN_STD_MIN, squared_distances
+from lightning_clip.losses.probabilistic import LN_STD_MAX, LN_STD_MIN, retrieval_inputs, squared_distances
 from lightning_clip.outputs import Embeddings, LossOutput
 
 
@@ -135,10 +135,6 @@ class PCMEPPLoss(ContrastiveLoss):
     def similarity(self, image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
                    text_ln_std: Optional[Tensor] = None) -> Tensor:
         """-d_ij (missing log-stds count as 0, i.e. sigma = 1)."""
-        image, text = image.float(), text.float()
-        if self.normalize:
-            image, text = normalize(image), normalize(text)
+        image, text, iv, tv = retrieval_inputs(image, text, image_ln_std, text_ln_std, self.normalize)
         d = image.shape[1]
-        iv = image.new_zeros(image.shape[0]) if image_ln_std is None else image_ln_std.float()
-        tv = text.new_zeros(text.shape[0]) if text_ln_std is None else text_ln_std.float()
         return -sampled_distances(image, text, _variance_sum(iv, d), _variance_sum(tv, d))

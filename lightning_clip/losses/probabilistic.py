@@ -72,6 +72,18 @@ def _check_dims(gaussian_dims, mode: str) -> None:
                          f"number >= 0 or None (the embedding width), got {gaussian_dims!r}")
 
 
+def retrieval_inputs(image: Tensor, text: Tensor, image_ln_std: Optional[Tensor],
+                     text_ln_std: Optional[Tensor], normalize_inputs: bool):
+    """What a log-std family's `similarity` scores: float32 features (L2-normalised when the family
+    normalises) and float32 log-stds, a missing one counting as 0 (sigma = 1)."""
+    image, text = image.float(), text.float()
+    if normalize_inputs:
+        image, text = normalize(image), normalize(text)
+    image_ln_std = image.new_zeros(image.shape[0]) if image_ln_std is None else image_ln_std.float()
+    text_ln_std = text.new_zeros(text.shape[0]) if text_ln_std is None else text_ln_std.float()
+    return image, text, image_ln_std, text_ln_std
+
+
 def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     """[Na, Nb] squared Euclidean distances, by the expansion (no [Na, Nb, D] intermediate)."""
     return (a * a).sum(-1)[:, None] + (b * b).sum(-1)[None, :] - 2 * a @ b.T
@@ -149,15 +161,10 @@ class ProbabilisticLoss(ContrastiveLoss):
     @torch.no_grad()
     def similarity(self, image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
                    text_ln_std: Optional[Tensor] = None) -> Tensor:
-        image, text = image.float(), text.float()
-        if self.normalize:
-            image, text = normalize(image), normalize(text)
-        if image_ln_std is None:
-            image_ln_std = image.new_zeros(image.shape[0])
-        if text_ln_std is None:
-            text_ln_std = text.new_zeros(text.shape[0])
+        image, text, image_ln_std, text_ln_std = retrieval_inputs(image, text, image_ln_std, text_ln_std,
+                                                                  self.normalize)
         d = squared_distances(image, text)
         dim = image.shape[1] if self.gaussian_dims is None else self.gaussian_dims
-        i2t = _logits(d, text_ln_std.float(), self.mode, dim)
-        t2i = _logits(d.T, image_ln_std.float(), self.mode, dim).T
+        i2t = _logits(d, text_ln_std, self.mode, dim)
+        t2i = _logits(d.T, image_ln_std, self.mode, dim).T
         return (i2t + t2i) / 2
