@@ -8,11 +8,17 @@ Prints, for the configuration the CLI would run (same parser, links, callbacks, 
   + the project's callbacks, validation off, over `--steps` steps after `--warmup` steps; split into the
   time inside steps (forward, loss, backward, AdamW, logging calls, callbacks) and between steps (waiting
   for the loader, logger writes, loop bookkeeping);
-- samples/s of forward+backward+AdamW of the same towers and heads on ready in-memory tensors (same batch
-  shapes, precision, thread count; a sum of the projections stands in for the loss), measured in blocks
-  of `--every` steps that alternate with the fit's own blocks in the same run, so that a shared machine's
-  drift hits both sides alike (the fit's step after a tower block is timed from the block's end);
-- the overhead: the share of an end-to-end step not spent in the towers (module, loss, logging, data).
+- two references in a hand-written loop, each measured in blocks of `--every` steps that alternate with the
+  fit's own blocks in the same run, so that a shared machine's drift hits all sides alike (the fit's step
+  after a block is timed from the block's end):
+  - the towers: forward+backward+AdamW of the same towers and heads (same precision, thread count, the
+    module's own AdamW; a sum of the projections stands in for the loss);
+  - the module's step: the same forward, loss, finiteness check, backward, AdamW and temperature clamp that
+    `ClipModule.training_step` runs;
+  both on the fit's first batch, held in memory;
+- the loop overhead: the share of an end-to-end step spent outside the module's step (Lightning's loop and
+  hooks, waiting for the loader, logging, callbacks), and the share spent outside the towers (the same plus
+  the loss and the module's own code).
 """
 from __future__ import annotations
 
@@ -39,16 +45,20 @@ import lightning as L  # noqa: E402
 class StepTimer(L.Callback):
     """perf_counter at each step's start and end (after the optimizer step and the other callbacks).
 
-    With ``towers`` (a no-argument function that times one block of bare tower steps and returns their
-    seconds), a block runs after every ``every`` steps, so that the two measurements alternate through the
-    run and a shared machine's drift hits both alike; the step after a block has its cycle measured from
-    the block's end. Blocks start after ``after`` steps (the untimed warmup)."""
+    With ``references`` (name -> a function of ``(steps, warmup)`` that times that many steps of a
+    hand-written reference loop and returns their seconds), a block of each runs after every ``every``
+    steps, so that the measurements alternate through the run and a shared machine's drift hits all alike;
+    the step after the blocks has its cycle measured from their end. Blocks start after ``after`` steps
+    (the untimed warmup). The first batch the fit receives is kept (``batch``) for references that need
+    a real one."""
 
-    def __init__(self, towers=None, every: int = 50, after: int = 0):
+    def __init__(self, references=None, every: int = 50, after: int = 0):
         self.starts: list[float] = []
         self.ends: list[float] = []
-        self.resumed: list[float] = []  # per step: when the next cycle starts (its end, or a block's end)
-        self.towers, self.every, self.after, self.tower_times = towers, every, after, []
+        self.resumed: list[float] = []  # per step: when the next cycle starts (its end, or the blocks' end)
+        self.references, self.every, self.after = references or {}, every, after
+        self.times: dict[str, list[float]] = {name: [] for name in self.references}
+        self.batch = None  # the first batch, as the module's training_step receives it (on its device)
 
     # asked once: on a CUDA build without a GPU each call probes NVML (~0.25 ms), which would be charged
     # to the end-to-end step twice per step
@@ -60,14 +70,22 @@ class StepTimer(L.Callback):
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def on_train_batch_start(self, *args) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.batch is None:
+            self.batch = batch
         self.starts.append(self._now())
 
     def on_train_batch_end(self, *args) -> None:
         self.ends.append(self._now())
-        if self.towers is not None and len(self.ends) > self.after and len(self.ends) % self.every == 0:
-            self.tower_times += self.towers()
-        self.resumed.append(self._now() if self.towers is not None else self.ends[-1])
+        if self.references and len(self.ends) > self.after and len(self.ends) % self.every == 0:
+            # the order alternates from one round to the next: whichever runs right after the fit's
+            # block (caches, the loader worker's burst) is not always the same one
+            names = list(self.references)
+            if (len(self.ends) // self.every) % 2:
+                names.reverse()
+            for name in names:
+                self.times[name] += self.references[name](self.every, 3)
+        self.resumed.append(self._now() if self.references else self.ends[-1])
 
     def split(self, warmup: int, steps: int) -> tuple[list[float], list[float]]:
         """Per step after `warmup` steps: (full cycle, end to end; the part inside the step)."""
@@ -93,30 +111,8 @@ def build(configs: list[str], max_steps: int, batch_size: int | None, run_dir: s
     return ClipCLI(ClipModule, ClipDataModule, args=args, run=False, save_config_kwargs={"overwrite": True})
 
 
-def tower_steps(module, trainer, batch_size: int, image_size: int, length: int, vocab: int):
-    """A function ``(steps, warmup) -> seconds of each step``: forward+backward+AdamW of the towers and
-    heads alone on in-memory tensors, after ``warmup`` untimed steps."""
-    device = trainer.strategy.root_device
-    module = module.to(device).train()
-    g = torch.Generator().manual_seed(0)
-    # NHWC like the loader's batches, so neither side pays a layout conversion the other does not
-    image = torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device).contiguous(
-        memory_format=torch.channels_last)
-    ids = torch.randint(1, vocab, (batch_size, length), generator=g).to(device)
-    mask = torch.ones_like(ids)  # the loader pads to max_length, so every batch has this shape
-    # the optimizer the module itself uses (fused kernel on CPU and CUDA), so only the towers differ
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda") or None)
-    precision = trainer.strategy.precision_plugin
-
-    def step():
-        with precision.forward_context():
-            pooled_i, _ = module.image_tower(image)
-            pooled_t, _, _ = module.text_tower(ids, mask)
-            out = module.image_head(pooled_i).float().sum() + module.text_head(pooled_t).float().sum()
-        out.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+def _timed_block(step):
+    """``(steps, warmup) -> seconds of each step`` of ``step()``, after ``warmup`` untimed calls."""
     def block(steps: int, warmup: int) -> list[float]:
         for _ in range(warmup):
             step()
@@ -128,6 +124,54 @@ def tower_steps(module, trainer, batch_size: int, image_size: int, length: int, 
         return times
 
     return block
+
+
+def tower_steps(module, trainer, get_batch):
+    """A block function (`_timed_block`): forward+backward+AdamW of the towers and heads alone, on the
+    images and tokens of one real batch (``get_batch()``, read when the first block runs)."""
+    device = trainer.strategy.root_device
+    module = module.to(device).train()
+    opt = module.build_optimizer()  # the module's own AdamW (groups, fused kernel), so only the step differs
+    precision = trainer.strategy.precision_plugin
+    held = {}
+
+    def step():
+        if "batch" not in held:
+            held["batch"] = get_batch()  # as the fit received it: on its device already
+        b = held["batch"]
+        with precision.forward_context():
+            pooled_i, _ = module.image_tower(b["image"])
+            pooled_t, _, _ = module.text_tower(b["input_ids"], b["attention_mask"])
+            out = module.image_head(pooled_i).float().sum() + module.text_head(pooled_t).float().sum()
+        out.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _timed_block(step)
+
+
+def module_steps(module, trainer, get_batch):
+    """A block function (`_timed_block`): the module's own training computation in a hand-written loop,
+    on one real batch (``get_batch()``, read when the first block runs): `ClipModule._loss` (towers, heads,
+    the loss in float32, the finiteness check), backward, the module's AdamW and the temperature clamp.
+    What it leaves out is what the fit adds around it: Lightning's loop and hooks, the loader, logging."""
+    device = trainer.strategy.root_device
+    module = module.to(device).train()
+    opt = module.build_optimizer()
+    precision = trainer.strategy.precision_plugin
+    held = {}
+
+    def step():
+        if "batch" not in held:
+            held["batch"] = get_batch()  # as the fit received it: on its device already
+        with precision.forward_context():
+            _, out = module._loss(held["batch"], "train")
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        module.loss.clamp_()
+
+    return _timed_block(step)
 
 
 def main() -> None:
@@ -158,20 +202,21 @@ def main() -> None:
         print(f"# configs {' + '.join(configs)}: image {model.hparams.image_model} @ {dm.image_size}px, "
               f"text {model.hparams.text_model or 'BERT from text_config'}, loss {model.hparams.loss}, "
               f"batch {bs}, {dm.num_workers} loader workers, max_length {dm.max_length}")
-        block = tower_steps(copy.deepcopy(model), trainer, batch_size=bs, image_size=dm.image_size,
-                            length=dm.max_length, vocab=dm.vocab_size)
-        # tower blocks of `every` steps (after 3 untimed ones) between the fit's blocks of `every` steps
-        every = max(1, min(a.every, a.steps))  # at least one tower block inside the timed steps
-        timer = StepTimer(towers=lambda: block(every, 3), every=every, after=a.warmup)
+        towers = tower_steps(copy.deepcopy(model), trainer, lambda: timer.batch)
+        own = module_steps(copy.deepcopy(model), trainer, lambda: timer.batch)
+        # reference blocks of `every` steps (after 3 untimed ones) between the fit's blocks of `every` steps
+        every = max(1, min(a.every, a.steps))  # at least one block of each inside the timed steps
+        timer = StepTimer(references={"towers": towers, "module": own}, every=every, after=a.warmup)
         trainer.callbacks.append(timer)
         trainer.fit(model, datamodule=dm)
         cycles, inside = timer.split(a.warmup, a.steps)
-        towers = timer.tower_times
+        towers, own = timer.times["towers"], timer.times["module"]
 
     # Medians of per-step times: this 2-core machine is shared, and a neighbour's burst lands on whichever
     # side happens to run then (means of identical tower runs differed by up to 10% here); the mean is
     # printed too. The two alternate in blocks through one run, so drift hits both alike.
-    rows = [("towers: forward+backward+AdamW, in-memory tensors", towers),
+    rows = [("towers: forward+backward+AdamW, one batch in memory", towers),
+            ("module's step, hand-written loop: forward, loss, backward, AdamW, clamp; one batch in memory", own),
             ("end to end: Trainer.fit, ClipDataModule, logging, callbacks", cycles),
             ("- inside steps (module, loss, backward, AdamW, log calls, callbacks)", inside),
             ("- between steps (waiting for data, logger writes, loop)", [c - i for c, i in zip(cycles, inside)])]
@@ -180,13 +225,16 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for i, (name, ts) in enumerate(rows):
         med, mean = 1000 * statistics.median(ts), 1000 * statistics.fmean(ts)
-        sps = f"{1000 * bs / med:,.0f}" if i < 2 else ""
+        sps = f"{1000 * bs / med:,.0f}" if i < 3 else ""
         print(f"| {name} | {sps} | {med:.1f} | {mean:.1f} |")
     print()
     for stat, f in (("median", statistics.median), ("mean", statistics.fmean)):
-        t, e = 1000 * f(towers), 1000 * f(cycles)
-        print(f"overhead ({stat} steps; module, loss, logging and data): {100 * (1 - t / e):.1f}% of an end-to-end "
-              f"step ({e - t:.1f} ms of {e:.1f}); end to end = {t / e:.2f}x the towers")
+        e = 1000 * f(cycles)
+        for what, ref in (("loop overhead (Lightning's loop and hooks, loader, logging, callbacks)", own),
+                          ("outside the towers (the loop overhead plus the loss and the module's code)", towers)):
+            t = 1000 * f(ref)
+            print(f"{what}, {stat} steps: {100 * (1 - t / e):.1f}% of an end-to-end step ({e - t:.1f} ms of "
+                  f"{e:.1f}); end to end = {t / e:.2f}x the reference")
 
 
 if __name__ == "__main__":

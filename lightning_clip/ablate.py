@@ -28,11 +28,14 @@ exited 0 and left final_metrics.json. A second call skips complete runs; a folde
 configs and arguments, so a complete run whose configs changed since is redone too ("stale"), and a
 run whose fingerprint equals a complete run of another cell (the `variance` ablation repeats cells of
 `losses`) is copied instead of recomputed.
+
+Order: the local runner starts the runs with the most training samples (max_steps x batch size) first,
+plan order among equals, so that no long run is left to finish alone on one core; a run equal to an
+active one waits for it and is then copied.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import datetime as _dt
 import functools
@@ -179,6 +182,8 @@ class Run:
     run_dir: Path
     args: list[str]          # everything after the command prefix
     fingerprint: str
+    #: training samples (max_steps x batch size): the runner starts the longest runs first
+    cost: int = 0
 
     @property
     def label(self) -> str:
@@ -223,8 +228,40 @@ def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base:
             identity = {"configs": [_canonical_config(p) for p in paths], "seed": seed,
                         "args": data_args + list(extra)}
             fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-            runs.append(Run(cell, seed, run_dir, args, fingerprint))
+            runs.append(Run(cell, seed, run_dir, args, fingerprint, _samples(identity["configs"], extra)))
     return runs
+
+
+def _samples(configs: Sequence[object], extra: Sequence[str]) -> int:
+    """max_steps x batch_size as the configs (later ones win) and ``--trainer.max_steps=`` /
+    ``--data.batch_size=`` arguments set them; 0 when unknown. Only an ordering key for the runner."""
+    found = {"trainer.max_steps": 0, "data.batch_size": 0}
+    for cfg in configs:
+        for key in found:
+            section, name = key.split(".")
+            value = ((cfg or {}).get(section) or {}).get(name) if isinstance(cfg, dict) else None
+            if isinstance(value, int) and value > 0:
+                found[key] = value
+    for a in extra:
+        key, _, value = a.lstrip("-").partition("=")
+        if key in found and value.isdigit():
+            found[key] = int(value)
+    return found["trainer.max_steps"] * found["data.batch_size"]
+
+
+def longest_first(runs: Sequence[Run]) -> list[Run]:
+    """The runs by decreasing `Run.cost`, plan order among equals (stable): with several jobs, a long run
+    started last would run alone at the end while the other cores idle (the previous grid's last 1.5 min)."""
+    return sorted(runs, key=lambda r: -r.cost)
+
+
+def _take_next(pending: list[Run], active_fingerprints: set[str]) -> Run | None:
+    """Remove and return the first pending run that no active run equals (an equal run waits, to be
+    copied when that one finishes, instead of training the same thing twice at once)."""
+    for i, run in enumerate(pending):
+        if run.fingerprint not in active_fingerprints:
+            return pending.pop(i)
+    return None
 
 
 def read_stamp(run_dir: Path) -> dict | None:
@@ -452,14 +489,16 @@ def execute(runs: Sequence[Run], *, command: Sequence[str] | None = None, jobs: 
     if jobs > 1 and "OMP_NUM_THREADS" not in env:  # parallel runs should not fight over the cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     index = _completed_index(runs_dir) if runs_dir is not None else {}
-    pending = collections.deque(pending_runs(runs, progress))
+    pending = longest_first(pending_runs(runs, progress))
 
     failures: list[Failure] = []
     active: list[_Active] = []
     try:
         while pending or active:
             while pending and len(active) < max(1, jobs):
-                run = pending.popleft()
+                run = _take_next(pending, {a.run.fingerprint for a in active})
+                if run is None:
+                    break  # every pending run equals an active one: wait for it, then copy
                 source = index.get(run.fingerprint)
                 if source is not None and source != run.run_dir:
                     clear(run.run_dir)

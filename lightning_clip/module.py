@@ -301,7 +301,9 @@ class ClipModule(L.LightningModule):
         self.loss.clamp_()
 
     # -- optimisation ------------------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """The AdamW this module trains with (`configure_optimizers` adds the schedule): two groups, decay
+        and no decay. Benchmarks build their hand-written reference loop with it too."""
         decay, no_decay = [], []
         loss_no_decay = {f"loss.{n}" for n in self.loss.no_decay}
         for name, p in self.named_parameters():
@@ -317,9 +319,13 @@ class ClipModule(L.LightningModule):
         # The fused kernel (CPU and CUDA): the CPU default is a Python loop of several small ops per
         # parameter tensor; fused is one kernel per tensor, same maths. Trainable parameters are floats.
         fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas),
-                                fused=fused or None)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas),
+                                 fused=fused or None)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = self.build_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total // 2)
 

@@ -230,6 +230,34 @@ def test_equal_runs_are_copied_not_recomputed(project, capsys):
     assert "copied zz_other/a seed 0" in capsys.readouterr().out
 
 
+def test_equal_runs_are_not_trained_at_once_with_two_jobs(project, capsys):
+    # With two slots, the copy of toy/a would otherwise start beside toy/a and train the same thing
+    cell(project, "zz_other", "a", "# the same reference\n# @baseline\nmodel: {loss: infonce}\n")
+    # planned zz_other/a, toy/a, toy/b: the first two are equal, so toy/b takes the second slot
+    assert ablate.main(["--seeds", "1", "--jobs", "2", "--ablation", "zz_other", "toy"]) == 0
+    assert sorted(c["run_dir"] for c in calls(project)) == ["runs/toy/b/seed_0", "runs/zz_other/a/seed_0"]
+    assert "copied toy/a seed 0 from runs/zz_other/a/seed_0" in capsys.readouterr().out
+
+
+def test_longest_runs_start_first_plan_order_among_equals(project):
+    cell(project, "toy", "c", "# longer\ntrainer: {max_steps: 30}\n")
+    cell(project, "toy", "d", "# bigger batches, fewer steps: 20 x 8 = 160 samples\ntrainer: {max_steps: 20}\n"
+         "data: {batch_size: 8}\n")
+    (project / "experiments" / "base.yaml").write_text("trainer: {max_steps: 10}\ndata: {batch_size: 4}\n")
+    runs = ablate.plan_runs(ablate.load_ablation("toy", project / "experiments" / "ablations"), [0, 1],
+                            project / "runs", base=project / "experiments" / "base.yaml")
+    assert {r.cell.name: r.cost for r in runs} == {"a": 40, "b": 40, "c": 120, "d": 160}
+    order = [(r.cell.name, r.seed) for r in ablate.longest_first(runs)]
+    assert order == [("d", 0), ("d", 1), ("c", 0), ("c", 1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert ablate.main(["--seeds", "2"]) == 0
+    assert [c["run_dir"].split("/")[2] for c in calls(project)] == [n for n, _ in order]
+    # an override on the command line counts too
+    more = ablate.plan_runs(ablate.load_ablation("toy", project / "experiments" / "ablations"), [0],
+                            project / "runs", base=project / "experiments" / "base.yaml",
+                            extra=["--trainer.max_steps=100"])
+    assert {r.cost for r in more} == {400, 800}
+
+
 def test_quick_mode_keeps_its_own_folders(project):
     assert ablate.main(["--quick"]) == 0
     assert run_dirs(project, runs="runs/quick") == ["toy/a/seed_0"]  # the @quick cell, one seed

@@ -88,6 +88,25 @@ def test_log_scale_not_decayed_and_clamped_after_step():
     assert float(m.loss.log_scale.detach()) == 0.0
 
 
+def test_build_optimizer_is_the_optimizer_the_module_trains_with():
+    # benchmarks time a hand-written loop with build_optimizer(): it must be configure_optimizers' own
+    m = ClipModule(weight_decay=0.3, **TINY)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 10
+
+    m.trainer = FakeTrainer()  # type: ignore[assignment]
+    configured, built = m.configure_optimizers()["optimizer"], m.build_optimizer()
+    assert type(configured) is type(built)
+    for a, b in zip(configured.param_groups, built.param_groups, strict=True):
+        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
+        # the schedule scales lr from its initial value (warmup): compare that
+        assert a["initial_lr"] == b["lr"]
+        assert {k: v for k, v in a.items() if k not in ("params", "initial_lr", "lr")} == \
+            {k: v for k, v in b.items() if k not in ("params", "lr")}
+    assert {g["weight_decay"] for g in built.param_groups} == {0.3, 0.0}
+
+
 def test_warmup_then_cosine():
     m = ClipModule(warmup_steps=4, lr=1.0, **TINY)
 

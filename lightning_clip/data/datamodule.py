@@ -29,7 +29,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lightning_clip.data.shards import Record, SkipPolicy, expand_shards, iter_captions, iter_records
-from lightning_clip.data.synthetic import relevance_matrix
+from lightning_clip.data.synthetic import object_bits, relevance_from_bits
 from lightning_clip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from lightning_clip.models.tokenizer import CaptionEncoder
 
@@ -96,8 +96,9 @@ def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length
         },
     }
     if all(r.scene is not None and c is not None for (r, _, _), c in zip(items, info)):
-        # relevance_matrix is [captions, images]; the batch holds [images, captions]
-        rel = relevance_matrix([c["constraints"] for c in info], [r.scene for r, _, _ in items]).T.contiguous()
+        # relevance_from_bits is [captions, images]; the batch holds [images, captions]
+        bits = [oracle_bits(r) for r, _, _ in items]
+        rel = relevance_from_bits([b[1][k] for b, (_, k, _) in zip(bits, items)], [b[0] for b in bits]).T.contiguous()
         batch["meta"]["relevance"] = rel
         n = rel.shape[0]
         if n > 1:
@@ -109,6 +110,16 @@ def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length
         batch["meta"]["scene"] = [r.scene for r, _, _ in items]
         batch["meta"]["constraints"] = [c["constraints"] if c else None for c in info]
     return batch
+
+
+def oracle_bits(r: Record) -> tuple[list[int], list[list[int]]]:
+    """``r``'s scene and each of its captions' constraints as the oracle's object bitsets
+    (`lightning_clip.data.synthetic.relevance_from_bits`), computed once per record: the per-object
+    Python was two thirds of a training batch's relevance matrix, made for every batch in the worker."""
+    if r.oracle_bits is None:
+        r.oracle_bits = (object_bits(r.scene, "scene"),
+                         [object_bits(c["constraints"], "constraints", k) for k, c in enumerate(r.caption_info)])
+    return r.oracle_bits
 
 
 class ShardStream(IterableDataset):

@@ -21,7 +21,7 @@ import os
 import re
 import tarfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -125,6 +125,9 @@ class Record:
     group: int
     scene: Optional[dict] = None
     caption_info: Optional[list[dict]] = None  # per caption: level, constraints (synthetic only)
+    #: (the scene's, each caption's) object bitsets for the relevance oracle, made on a batch's first use of
+    #: the record (`lightning_clip.data.datamodule.oracle_bits`): a cached record's repeat costs none of it
+    oracle_bits: Optional[tuple] = field(default=None, repr=False, compare=False)
 
 
 class _Prepended:

@@ -49,7 +49,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -153,16 +153,22 @@ def _bits(obj: dict, what: str) -> int:
     return bits
 
 
-def _encode(items: Sequence[dict], what: str) -> tuple[np.ndarray, np.ndarray]:
+def object_bits(item: Optional[dict], what: str, index: int = 0) -> list[int]:
+    """The attribute bitsets of a scene's objects, or of a description's (``{"objects": [...]}``), as
+    `relevance_matrix` compares them. A loader worker keeps them with each record (`Record.oracle_bits`)
+    so that a batch's matrix skips this per-object Python."""
+    if item is None:
+        raise ValueError(f"{what} {index} is None: real data has no ground truth for the oracle")
+    return [_bits(o, what) for o in item["objects"]]
+
+
+def _pad(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Rows of attribute bitsets (0-padded) and the number of real entries per row."""
-    rows = []
-    for i, x in enumerate(items):
-        if x is None:
-            raise ValueError(f"{what} {i} is None: real data has no ground truth for the oracle")
-        rows.append([_bits(o, what) for o in x["objects"]])
     counts = np.array([len(r) for r in rows], dtype=np.int64)
     width = max(int(counts.max(initial=0)), 1)
-    out = np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int32).reshape(len(rows), width)
+    out = np.zeros((len(rows), width), dtype=np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
     return out, counts
 
 
@@ -178,11 +184,18 @@ def relevance_matrix(constraints_list: Sequence[dict], scenes_list: Sequence[dic
     slot instead of every permutation. numpy, not torch: on a training batch (64 x 64, in the loader
     worker) the per-call overhead of a few dozen small torch ops was ~1 ms; this is ~0.1 ms.
     """
-    desc, n_desc = _encode(constraints_list, "constraints")
-    objs, _ = _encode(scenes_list, "scene")
+    return relevance_from_bits([object_bits(c, "constraints", i) for i, c in enumerate(constraints_list)],
+                               [object_bits(s, "scene", i) for i, s in enumerate(scenes_list)], chunk)
+
+
+def relevance_from_bits(description_bits: Sequence[Sequence[int]], scene_bits: Sequence[Sequence[int]],
+                        chunk: int = 1024) -> torch.BoolTensor:
+    """`relevance_matrix` from the captions' and the scenes' `object_bits`."""
+    desc, n_desc = _pad(description_bits)
+    objs, _ = _pad(scene_bits)
     slots = max(desc.shape[1], objs.shape[1])
     objs = np.pad(objs, ((0, 0), (0, slots - objs.shape[1])))
-    out = np.zeros((len(constraints_list), len(scenes_list)), dtype=bool)
+    out = np.zeros((len(description_bits), len(scene_bits)), dtype=bool)
     for k in np.unique(n_desc).tolist():
         rows = np.flatnonzero(n_desc == k)
         if k == 0:
