@@ -29,6 +29,12 @@ def preload() -> None:
     """Import what every run imports, once, in the process that will fork the runs."""
     import lightning_clip.cli  # noqa: F401  (torch, lightning, transformers, timm, the module, the data)
     import lightning_clip.eval.cli  # noqa: F401
+    # Imported lazily by every run and evaluation, so each fork paid them again: the default text tower's
+    # model class (transformers resolves AutoModel.from_config on first use: ~0.5 s here), the evaluation
+    # suite (scikit-learn: ~0.15 s) and the SummaryWriter the evaluation writes its scalars with.
+    import transformers.models.bert.modeling_bert  # noqa: F401
+    import torch.utils.tensorboard  # noqa: F401
+    import lightning_clip.eval.suite  # noqa: F401
 
 
 def set_parent_death_signal(parent: int, libc=None) -> None:

@@ -82,3 +82,26 @@ def test_the_runner_stops_a_forked_run_and_its_group(entry):
     # only this repository's own entry point is forked; any other command is a subprocess
     assert not ablate._forkable([sys.executable, "other.py"], True)
     assert not ablate._forkable([sys.executable, "-m", "lightning_clip", "fit"], False)
+
+
+def test_preload_covers_what_a_default_run_and_its_evaluation_import_later():
+    # each forked run or evaluation pays again for any module it imports lazily (the default text tower's
+    # model class alone took ~0.5 s): after preload, building the base model and importing the
+    # evaluation suite must import nothing new from transformers, timm or scikit-learn
+    script = (
+        "import sys, yaml\n"
+        "from lightning_clip import launch\n"
+        "launch.preload()\n"
+        "before = set(sys.modules)\n"
+        "from lightning_clip.module import ClipModule\n"
+        "ClipModule(**yaml.safe_load(open('experiments/base.yaml'))['model'])\n"
+        "import lightning_clip.eval.suite\n"
+        "from torch.utils.tensorboard import SummaryWriter\n"
+        "new = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('transformers', 'timm', 'sklearn', 'tensorboard'))\n"
+        "print(len(new), new[:10])\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "0 []"
