@@ -573,7 +573,11 @@ class _Lock:
         except ImportError:  # not POSIX: no lock
             return self
         try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A POSIX record lock (lockf), not flock: it belongs to this process alone. An flock is shared
+            # with every child forked while it is held (`lightning_clip.launch`), so after a kill -9 of the
+            # runner its runs, still stopping on their parent-death SIGTERM, kept the folder locked
+            # against the resume (which stops such orphans itself before clearing their folders).
+            fcntl.lockf(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.f.close()
             raise SystemExit(f"another `python -m lightning_clip.ablate` is running on {self.path.parent} "

@@ -383,6 +383,36 @@ def test_a_second_runner_on_the_same_folder_is_refused(project):
         runner.communicate(timeout=30)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked runs are POSIX-only")
+def test_the_lock_is_the_runners_alone_not_its_forked_childrens(tmp_path):
+    # A run forked while the runner holds the lock must not keep the folder locked once the runner is
+    # gone (after a kill -9 the runs take a moment to stop on their parent-death signal)
+    holder = textwrap.dedent(f"""\
+        import os, sys, time
+        from lightning_clip import ablate
+        lock = ablate._Lock({str(tmp_path)!r}).__enter__()
+        if os.fork() == 0:
+            time.sleep(20)  # the child: outlives its parent, holding the inherited descriptor
+            os._exit(0)
+        print("locked", flush=True)
+        time.sleep(1)
+        os._exit(0)  # the runner dies without releasing anything itself
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match="another"):
+            ablate._Lock(tmp_path).__enter__().f.close()  # refused while the runner lives (other process)
+        proc.wait(timeout=30)
+        ablate._Lock(tmp_path).__enter__().f.close()  # the runner is gone, its child is not: free
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the sleeping child
+        except ProcessLookupError:
+            pass
+
+
 def test_progress_line_and_eta():
     import io
 
