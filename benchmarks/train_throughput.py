@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--steps 100] [--warmup 5] [--every 50] [--batch-size 64]
                                           [--threads N] [--config experiments/base.yaml [--config ...]]
+                                          [--in-memory]
 
 Prints, for the configuration the CLI would run (same parser, links, callbacks, logger, thread policy):
 - end-to-end samples/s of `Trainer.fit` with the real `ClipModule` + `ClipDataModule` + TensorBoard logging
@@ -16,6 +17,8 @@ Prints, for the configuration the CLI would run (same parser, links, callbacks, 
   - the module's step: the same forward, loss, finiteness check, backward, AdamW and temperature clamp that
     `ClipModule.training_step` runs;
   both on the fit's first batch, held in memory;
+- with ``--in-memory`` the fit is fed one loader batch over and over (no worker, no prefetch thread), so
+  that the loop overhead splits into Lightning's step and the loader's share;
 - the loop overhead: the share of an end-to-end step spent outside the module's step (Lightning's loop and
   hooks, waiting for the loader, logging, callbacks), and the share spent outside the towers (the same plus
   the loss and the module's own code).
@@ -184,6 +187,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads; default: the CLI's policy (OMP_NUM_THREADS, else cores - workers)")
     p.add_argument("--config", action="append", default=None, help="repeatable; default experiments/base.yaml")
+    p.add_argument("--in-memory", action="store_true",
+                   help="feed the fit one loader batch over and over (no loader worker, no prefetch thread): "
+                        "what is left of the loop overhead is Lightning's step itself")
     a = p.parse_args()
     if a.warmup < 1:
         p.error("--warmup must be >= 1 (the first step includes the loader's start-up)")
@@ -195,13 +201,21 @@ def main() -> None:
             torch.set_num_threads(a.threads)
         threads = torch.get_num_threads()
         model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+        if a.in_memory:
+            dm.setup("fit")
+            loader = iter(dm.train_dataloader())
+            batch = next(loader)
+            del loader  # its worker goes
+            steps = a.warmup + a.steps + 1
+            dm.train_dataloader = lambda: torch.utils.data.DataLoader([batch] * steps, batch_size=None)
         bs = dm.batch_size
         print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
               f"torch {torch.__version__}, {threads} threads, device {trainer.strategy.root_device}, "
               f"precision {trainer.precision}")
         print(f"# configs {' + '.join(configs)}: image {model.hparams.image_model} @ {dm.image_size}px, "
               f"text {model.hparams.text_model or 'BERT from text_config'}, loss {model.hparams.loss}, "
-              f"batch {bs}, {dm.num_workers} loader workers, max_length {dm.max_length}")
+              f"batch {bs}, {'one batch held in memory' if a.in_memory else f'{dm.num_workers} loader workers'}, "
+              f"max_length {dm.max_length}")
         towers = tower_steps(copy.deepcopy(model), trainer, lambda: timer.batch)
         own = module_steps(copy.deepcopy(model), trainer, lambda: timer.batch)
         # reference blocks of `every` steps (after 3 untimed ones) between the fit's blocks of `every` steps
