@@ -114,8 +114,27 @@ def build(configs: list[str], max_steps: int, batch_size: int | None, run_dir: s
     return ClipCLI(ClipModule, ClipDataModule, args=args, run=False, save_config_kwargs={"overwrite": True})
 
 
-def _timed_block(step):
-    """``(steps, warmup) -> seconds of each step`` of ``step()``, after ``warmup`` untimed calls."""
+def _reference(module, trainer, get_batch, compute, after_step=None):
+    """A block function ``(steps, warmup) -> seconds of each step``, after ``warmup`` untimed steps, of a
+    hand-written loop on ``module``: ``compute(module, batch)`` under the trainer's precision, backward,
+    the module's own AdamW (`ClipModule.build_optimizer`: groups, fused kernel), then ``after_step(module)``.
+    ``batch`` is ``get_batch()``, read when the first block runs: the fit's first batch, on its device."""
+    module = module.to(trainer.strategy.root_device).train()
+    opt = module.build_optimizer()
+    precision = trainer.strategy.precision_plugin
+    held = {}
+
+    def step():
+        if "batch" not in held:
+            held["batch"] = get_batch()
+        with precision.forward_context():
+            loss = compute(module, held["batch"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(module)
+
     def block(steps: int, warmup: int) -> list[float]:
         for _ in range(warmup):
             step()
@@ -129,52 +148,24 @@ def _timed_block(step):
     return block
 
 
+def _towers(module, batch):
+    """Forward of the towers and heads alone; a sum of the projections stands in for the loss."""
+    pooled_i, _ = module.image_tower(batch["image"])
+    pooled_t, _, _ = module.text_tower(batch["input_ids"], batch["attention_mask"])
+    return module.image_head(pooled_i).float().sum() + module.text_head(pooled_t).float().sum()
+
+
 def tower_steps(module, trainer, get_batch):
-    """A block function (`_timed_block`): forward+backward+AdamW of the towers and heads alone, on the
-    images and tokens of one real batch (``get_batch()``, read when the first block runs)."""
-    device = trainer.strategy.root_device
-    module = module.to(device).train()
-    opt = module.build_optimizer()  # the module's own AdamW (groups, fused kernel), so only the step differs
-    precision = trainer.strategy.precision_plugin
-    held = {}
-
-    def step():
-        if "batch" not in held:
-            held["batch"] = get_batch()  # as the fit received it: on its device already
-        b = held["batch"]
-        with precision.forward_context():
-            pooled_i, _ = module.image_tower(b["image"])
-            pooled_t, _, _ = module.text_tower(b["input_ids"], b["attention_mask"])
-            out = module.image_head(pooled_i).float().sum() + module.text_head(pooled_t).float().sum()
-        out.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return _timed_block(step)
+    """The bare towers' reference (`_reference`): forward+backward+AdamW of the towers and heads."""
+    return _reference(module, trainer, get_batch, _towers)
 
 
 def module_steps(module, trainer, get_batch):
-    """A block function (`_timed_block`): the module's own training computation in a hand-written loop,
-    on one real batch (``get_batch()``, read when the first block runs): `ClipModule._loss` (towers, heads,
-    the loss in float32, the finiteness check), backward, the module's AdamW and the temperature clamp.
-    What it leaves out is what the fit adds around it: Lightning's loop and hooks, the loader, logging."""
-    device = trainer.strategy.root_device
-    module = module.to(device).train()
-    opt = module.build_optimizer()
-    precision = trainer.strategy.precision_plugin
-    held = {}
-
-    def step():
-        if "batch" not in held:
-            held["batch"] = get_batch()  # as the fit received it: on its device already
-        with precision.forward_context():
-            _, out = module._loss(held["batch"], "train")
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        module.loss.clamp_()
-
-    return _timed_block(step)
+    """The module's own step (`_reference`): `ClipModule._loss` (towers, heads, the loss in float32, the
+    finiteness check), backward, AdamW and the temperature clamp. What it leaves out is what the fit adds
+    around it: Lightning's loop and hooks, the loader, logging."""
+    return _reference(module, trainer, get_batch, lambda m, b: m._loss(b, "train")[1].loss,
+                      after_step=lambda m: m.loss.clamp_())
 
 
 def main() -> None:

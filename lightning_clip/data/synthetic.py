@@ -166,9 +166,7 @@ def _pad(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Rows of attribute bitsets (0-padded) and the number of real entries per row."""
     counts = np.array([len(r) for r in rows], dtype=np.int64)
     width = max(int(counts.max(initial=0)), 1)
-    out = np.zeros((len(rows), width), dtype=np.int32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
+    out = np.array([list(r) + [0] * (width - len(r)) for r in rows], dtype=np.int32).reshape(len(rows), width)
     return out, counts
 
 
