@@ -32,6 +32,15 @@ def logging_step(trainer) -> bool:
     return max_steps is not None and max_steps > 0 and trainer.global_step + 1 >= max_steps
 
 
+def first_rows(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``(first, inverse)`` for a 1-D id tensor: ``first[u]`` is the first row holding the u-th distinct
+    id (in sorted id order) and ``ids == ids[first][inverse]``."""
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    rows = torch.arange(len(ids), device=ids.device)
+    first = torch.full((len(distinct),), len(ids), dtype=torch.long, device=ids.device)
+    return first.scatter_reduce_(0, inverse, rows, "amin"), inverse
+
+
 class ClipModule(L.LightningModule):
     # running sum and count behind `train/false_negatives` (whole run so far; not checkpointed)
     _false_negative_sum: float = 0.0
@@ -114,7 +123,7 @@ class ClipModule(L.LightningModule):
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> Embeddings:
-        pooled_i, regions = self.image_tower(batch["image"])
+        pooled_i, regions = self._image_features(batch)
         pooled_t, words, word_mask = self.text_tower(batch["input_ids"], batch["attention_mask"])
         emb = Embeddings(image=self.image_head(pooled_i), text=self.text_head(pooled_t))
         if self.with_variance:
@@ -131,6 +140,24 @@ class ClipModule(L.LightningModule):
         if "relevance" in self.loss.needs and "relevance" in meta:
             emb.relevance = meta["relevance"]
         return emb
+
+    def _image_features(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """The image tower's ``(pooled, regions)`` for the batch; in eval mode each distinct image once.
+
+        A validation batch holds every caption of its images (five per image in the synthetic world and
+        in Flickr), so the tower used to run five times over the same pixels: a batch of 64 rows with 13
+        images took 9.7 ms, 3.3 ms once per image (an uncommitted timing), with bit-identical outputs. In
+        eval mode each image's features depend on that image alone (no dropout, norms on running
+        statistics). Rows count as one image only when ``meta["image_id"]`` says so *and* their pixels
+        are equal, so a reused id can never hand one image's features to another."""
+        images = batch["image"]
+        ids = (batch.get("meta") or {}).get("image_id")
+        if not self.training and isinstance(ids, Tensor) and ids.shape == images.shape[:1]:
+            first, inverse = first_rows(ids.to(images.device))
+            if len(first) < len(ids) and torch.equal(images[first][inverse], images):
+                pooled, regions = self.image_tower(images[first])
+                return pooled[inverse], regions[inverse]
+        return self.image_tower(images)
 
     # -- open_clip's interface ---------------------------------------------------------------------------
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:

@@ -192,3 +192,40 @@ def test_scale_is_logged_once_by_the_temperature_callback_not_by_the_step():
     logged = _logged(m)
     m.training_step(batch(), 0)
     assert "train/logit_scale" not in logged and set(logged) >= {"train/loss", "train/loss/i2t"}
+
+
+def _tower_batch_sizes(m):
+    sizes = []
+    m.image_tower.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
+    return sizes
+
+
+@pytest.mark.parametrize("loss", ["infonce", "damsm"])  # damsm: the regions are expanded too
+def test_eval_forward_runs_each_distinct_image_once_with_the_same_outputs(loss):
+    torch.manual_seed(0)
+    m = ClipModule(loss=loss, image_model="test_resnet", **TINY).eval()
+    b = batch(6)
+    b["image"][3:] = b["image"][:3]  # rows 3-5 repeat the images of rows 0-2, as a caption-per-row batch does
+    b["meta"]["image_id"] = torch.tensor([7, 2, 9, 7, 2, 9])
+    sizes = _tower_batch_sizes(m)
+    with torch.no_grad():
+        deduped = m(b)
+        b["meta"]["image_id"] = torch.arange(6)  # every row its own image: the tower sees all six
+        full = m(b)
+    assert sizes == [3, 6]
+    assert torch.equal(deduped.image, full.image)
+    if loss == "damsm":
+        assert torch.equal(deduped.regions, full.regions)
+
+
+def test_rows_sharing_an_id_but_not_pixels_are_not_merged_and_training_never_merges():
+    m = ClipModule(image_model="test_resnet", **TINY).eval()
+    b = batch(4)
+    b["meta"]["image_id"] = torch.tensor([1, 1, 2, 2])  # ids say two images; the pixels say four
+    sizes = _tower_batch_sizes(m)
+    with torch.no_grad():
+        m(b)
+    b["image"][1], b["image"][3] = b["image"][0], b["image"][2]
+    m.train()  # batch norm on batch statistics: every row must be in the tower's batch
+    m(b)
+    assert sizes == [4, 4]
