@@ -19,6 +19,8 @@ Prints, for the configuration the CLI would run (same parser, links, callbacks, 
   both on the fit's first batch, held in memory;
 - with ``--in-memory`` the fit is fed one loader batch over and over (no worker, no prefetch thread), so
   that the loop overhead splits into Lightning's step and the loader's share;
+- where that overhead goes: each phase of a step (forward, zero_grad, backward, AdamW step; between steps),
+  the fit's cut at Lightning's own hooks against the module's step timed phase by phase;
 - the loop overhead: the share of an end-to-end step spent outside the module's step (Lightning's loop and
   hooks, waiting for the loader, logging, callbacks), and the share spent outside the towers (the same plus
   the loss and the module's own code).
@@ -59,8 +61,11 @@ class StepTimer(L.Callback):
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.resumed: list[float] = []  # per step: when the next cycle starts (its end, or the blocks' end)
+        # per step: when Lightning's hooks before zero_grad, before and after backward ran (`PHASES`)
+        self.marks: list[dict[str, float]] = []
         self.references, self.every, self.after = references or {}, every, after
         self.times: dict[str, list[float]] = {name: [] for name in self.references}
+        self.phases: dict[str, list[tuple[float, ...]]] = {name: [] for name in self.references}
         self.batch = None  # the first batch, as the module's training_step receives it (on its device)
 
     # asked once: on a CUDA build without a GPU each call probes NVML (~0.25 ms), which would be charged
@@ -77,6 +82,17 @@ class StepTimer(L.Callback):
         if self.batch is None:
             self.batch = batch
         self.starts.append(self._now())
+        self.marks.append({})
+
+    # The automatic optimisation's order inside a step: training_step, zero_grad, backward, optimizer step
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+        self.marks[-1]["zero_grad"] = self._now()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.marks[-1]["backward"] = self._now()
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.marks[-1]["optimizer"] = self._now()
 
     def on_train_batch_end(self, *args) -> None:
         self.ends.append(self._now())
@@ -87,7 +103,9 @@ class StepTimer(L.Callback):
             if (len(self.ends) // self.every) % 2:
                 names.reverse()
             for name in names:
-                self.times[name] += self.references[name](self.every, 3)
+                steps = self.references[name](self.every, 3)
+                self.times[name] += [p[-1] for p in steps]
+                self.phases[name] += steps
         self.resumed.append(self._now() if self.references else self.ends[-1])
 
     def split(self, warmup: int, steps: int) -> tuple[list[float], list[float]]:
@@ -97,6 +115,22 @@ class StepTimer(L.Callback):
         cycles = [self.ends[i] - self.resumed[i - 1] for i in range(warmup, warmup + steps)]
         inside = [e - s for s, e in zip(self.starts[warmup:warmup + steps], self.ends[warmup:warmup + steps])]
         return cycles, inside
+
+    def fit_phases(self, warmup: int, steps: int) -> list[tuple[float, ...]]:
+        """Per step after `warmup`: seconds of (`PHASES`..., between steps, the whole cycle)."""
+        out = []
+        for i in range(warmup, warmup + steps):
+            m = self.marks[i]
+            if len(m) < 3:  # a step without the automatic optimisation's hooks (GradCache's manual one)
+                continue
+            out.append((m["zero_grad"] - self.starts[i], m["backward"] - m["zero_grad"],
+                        m["optimizer"] - m["backward"], self.ends[i] - m["optimizer"],
+                        self.starts[i] - self.resumed[i - 1], self.ends[i] - self.resumed[i - 1]))
+        return out
+
+
+# The phases of a step, in the automatic optimisation's order, as both the fit and the references time them.
+PHASES = ("forward", "zero_grad", "backward", "optimizer")
 
 
 def build(configs: list[str], max_steps: int, batch_size: int | None, run_dir: str):
@@ -115,7 +149,8 @@ def build(configs: list[str], max_steps: int, batch_size: int | None, run_dir: s
 
 
 def _reference(module, trainer, get_batch, compute, after_step=None):
-    """A block function ``(steps, warmup) -> seconds of each step``, after ``warmup`` untimed steps, of a
+    """A block function ``(steps, warmup) -> per step (seconds of each of PHASES, of the step)``, after
+    ``warmup`` untimed steps, of a
     hand-written loop on ``module``: ``compute(module, batch)`` under the trainer's precision, backward,
     the module's own AdamW (`ClipModule.build_optimizer`: groups, fused kernel), then ``after_step(module)``.
     ``batch`` is ``get_batch()``, read when the first block runs: the fit's first batch, on its device."""
@@ -124,26 +159,31 @@ def _reference(module, trainer, get_batch, compute, after_step=None):
     precision = trainer.strategy.precision_plugin
     held = {}
 
-    def step():
+    now = StepTimer._now
+
+    def step() -> tuple[float, ...]:
+        """One step, in the automatic optimisation's order (`PHASES`); returns each phase's seconds and
+        the whole step's."""
         if "batch" not in held:
             held["batch"] = get_batch()
+        t0 = now()
         with precision.forward_context():
             loss = compute(module, held["batch"])
-        loss.backward()
-        opt.step()
+        t1 = now()
         opt.zero_grad(set_to_none=True)
+        t2 = now()
+        loss.backward()
+        t3 = now()
+        opt.step()
         if after_step is not None:
             after_step(module)
+        t4 = now()
+        return t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0
 
-    def block(steps: int, warmup: int) -> list[float]:
+    def block(steps: int, warmup: int) -> list[tuple[float, ...]]:
         for _ in range(warmup):
             step()
-        times = []
-        for _ in range(steps):
-            t0 = StepTimer._now()
-            step()
-            times.append(StepTimer._now() - t0)
-        return times
+        return [step() for _ in range(steps)]
 
     return block
 
@@ -166,6 +206,29 @@ def module_steps(module, trainer, get_batch):
     around it: Lightning's loop and hooks, the loader, logging."""
     return _reference(module, trainer, get_batch, lambda m, b: m._loss(b, "train")[1].loss,
                       after_step=lambda m: m.loss.clamp_())
+
+
+def print_phases(fit: list[tuple[float, ...]], own: list[tuple[float, ...]]) -> None:
+    """Where the loop overhead goes: each phase of a step, the fit's against the module's hand-written
+    step (same order: forward, zero_grad, backward, optimizer step), median ms over the timed steps.
+    The fit's phases are cut at Lightning's own hooks (before zero_grad, before and after backward), so
+    each also holds the Lightning code around its part."""
+    if not fit or not own:
+        return
+    rows = [("forward; fit: + Lightning's pre-step, closure and hooks, training_step's own code, log calls", 0),
+            ("zero_grad; fit: + its hooks", 1),
+            ("backward; fit: + Lightning's backward hooks", 2),
+            ("AdamW step and clamp; fit: + the closure's exit, batch-end hooks", 3),
+            ("between steps; fit: Lightning's post-step (scheduler, logger), next batch, transfer, batch-start hooks", 4)]
+    print("| phase (median ms over the timed steps) | end to end | module's step | difference |")
+    print("|---|---:|---:|---:|")
+    total_fit = total_own = 0.0
+    for name, k in rows:
+        f = 1000 * statistics.median(p[k] for p in fit)
+        o = 1000 * statistics.median(p[k] for p in own) if k < len(PHASES) else 0.0
+        total_fit, total_own = total_fit + f, total_own + o
+        print(f"| {name} | {f:.2f} | {o:.2f} | {f - o:+.2f} |")
+    print(f"| sum of the phase medians | {total_fit:.2f} | {total_own:.2f} | {total_fit - total_own:+.2f} |")
 
 
 def main() -> None:
@@ -216,6 +279,7 @@ def main() -> None:
         trainer.fit(model, datamodule=dm)
         cycles, inside = timer.split(a.warmup, a.steps)
         towers, own = timer.times["towers"], timer.times["module"]
+        fit_phases, own_phases = timer.fit_phases(a.warmup, a.steps), timer.phases["module"]
 
     # Medians of per-step times: this 2-core machine is shared, and a neighbour's burst lands on whichever
     # side happens to run then (means of identical tower runs differed by up to 10% here); the mean is
@@ -232,6 +296,8 @@ def main() -> None:
         med, mean = 1000 * statistics.median(ts), 1000 * statistics.fmean(ts)
         sps = f"{1000 * bs / med:,.0f}" if i < 3 else ""
         print(f"| {name} | {sps} | {med:.1f} | {mean:.1f} |")
+    print()
+    print_phases(fit_phases, own_phases)
     print()
     for stat, f in (("median", statistics.median), ("mean", statistics.fmean)):
         e = 1000 * f(cycles)
