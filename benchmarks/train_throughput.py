@@ -51,7 +51,8 @@ class StepTimer(L.Callback):
     """perf_counter at each step's start and end (after the optimizer step and the other callbacks).
 
     With ``references`` (name -> a function of ``(steps, warmup)`` that times that many steps of a
-    hand-written reference loop and returns their seconds), a block of each runs after every ``every``
+    hand-written reference loop and returns, per step, the seconds of each of `PHASES` and of the step),
+    a block of each runs after every ``every``
     steps, so that the measurements alternate through the run and a shared machine's drift hits all alike;
     the step after the blocks has its cycle measured from their end. Blocks start after ``after`` steps
     (the untimed warmup). The first batch the fit receives is kept (``batch``) for references that need
@@ -64,7 +65,6 @@ class StepTimer(L.Callback):
         # per step: when Lightning's hooks before zero_grad, before and after backward ran (`PHASES`)
         self.marks: list[dict[str, float]] = []
         self.references, self.every, self.after = references or {}, every, after
-        self.times: dict[str, list[float]] = {name: [] for name in self.references}
         self.phases: dict[str, list[tuple[float, ...]]] = {name: [] for name in self.references}
         self.batch = None  # the first batch, as the module's training_step receives it (on its device)
 
@@ -103,9 +103,7 @@ class StepTimer(L.Callback):
             if (len(self.ends) // self.every) % 2:
                 names.reverse()
             for name in names:
-                steps = self.references[name](self.every, 3)
-                self.times[name] += [p[-1] for p in steps]
-                self.phases[name] += steps
+                self.phases[name] += self.references[name](self.every, 3)
         self.resumed.append(self._now() if self.references else self.ends[-1])
 
     def split(self, warmup: int, steps: int) -> tuple[list[float], list[float]]:
@@ -117,7 +115,7 @@ class StepTimer(L.Callback):
         return cycles, inside
 
     def fit_phases(self, warmup: int, steps: int) -> list[tuple[float, ...]]:
-        """Per step after `warmup`: seconds of (`PHASES`..., between steps, the whole cycle)."""
+        """Per step after `warmup`: seconds of (`PHASES`..., between steps)."""
         out = []
         for i in range(warmup, warmup + steps):
             m = self.marks[i]
@@ -125,7 +123,7 @@ class StepTimer(L.Callback):
                 continue
             out.append((m["zero_grad"] - self.starts[i], m["backward"] - m["zero_grad"],
                         m["optimizer"] - m["backward"], self.ends[i] - m["optimizer"],
-                        self.starts[i] - self.resumed[i - 1], self.ends[i] - self.resumed[i - 1]))
+                        self.starts[i] - self.resumed[i - 1]))
         return out
 
 
@@ -150,9 +148,9 @@ def build(configs: list[str], max_steps: int, batch_size: int | None, run_dir: s
 
 def _reference(module, trainer, get_batch, compute, after_step=None):
     """A block function ``(steps, warmup) -> per step (seconds of each of PHASES, of the step)``, after
-    ``warmup`` untimed steps, of a
-    hand-written loop on ``module``: ``compute(module, batch)`` under the trainer's precision, backward,
-    the module's own AdamW (`ClipModule.build_optimizer`: groups, fused kernel), then ``after_step(module)``.
+    ``warmup`` untimed steps, of a hand-written loop on ``module`` in the automatic optimisation's order:
+    ``compute(module, batch)`` under the trainer's precision, zero_grad, backward, the module's own AdamW
+    (`ClipModule.build_optimizer`: groups, fused kernel), then ``after_step(module)``.
     ``batch`` is ``get_batch()``, read when the first block runs: the fit's first batch, on its device."""
     module = module.to(trainer.strategy.root_device).train()
     opt = module.build_optimizer()
@@ -278,7 +276,7 @@ def main() -> None:
         trainer.callbacks.append(timer)
         trainer.fit(model, datamodule=dm)
         cycles, inside = timer.split(a.warmup, a.steps)
-        towers, own = timer.times["towers"], timer.times["module"]
+        towers, own = ([p[-1] for p in timer.phases[name]] for name in ("towers", "module"))
         fit_phases, own_phases = timer.fit_phases(a.warmup, a.steps), timer.phases["module"]
 
     # Medians of per-step times: this 2-core machine is shared, and a neighbour's burst lands on whichever

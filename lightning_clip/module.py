@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_clip.eval.retrieval import first_occurrences
 from lightning_clip.losses import build_loss
 from lightning_clip.losses._inputs import NonFiniteError
 from lightning_clip.models import ImageTower, ProjectionHead, TextTower, VarianceHead
@@ -30,15 +31,6 @@ def logging_step(trainer) -> bool:
         return True
     max_steps = getattr(trainer, "max_steps", -1)
     return max_steps is not None and max_steps > 0 and trainer.global_step + 1 >= max_steps
-
-
-def first_rows(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """``(first, inverse)`` for a 1-D id tensor: ``first[u]`` is the first row holding the u-th distinct
-    id (in sorted id order) and ``ids == ids[first][inverse]``."""
-    distinct, inverse = torch.unique(ids, return_inverse=True)
-    rows = torch.arange(len(ids), device=ids.device)
-    first = torch.full((len(distinct),), len(ids), dtype=torch.long, device=ids.device)
-    return first.scatter_reduce_(0, inverse, rows, "amin"), inverse
 
 
 class ClipModule(L.LightningModule):
@@ -153,7 +145,7 @@ class ClipModule(L.LightningModule):
         images = batch["image"]
         ids = (batch.get("meta") or {}).get("image_id")
         if not self.training and isinstance(ids, Tensor) and ids.shape == images.shape[:1]:
-            first, inverse = first_rows(ids.to(images.device))
+            first, inverse = first_occurrences(ids.to(images.device), return_inverse=True)
             if len(first) < len(ids) and torch.equal(images[first][inverse], images):
                 pooled, regions = self.image_tower(images[first])
                 return pooled[inverse], regions[inverse]

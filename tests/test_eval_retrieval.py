@@ -238,6 +238,9 @@ def test_metric_rejects_unknown_extras():
 
 def test_helpers():
     assert first_occurrences(torch.tensor([5, 3, 5, 3, 9])).tolist() == [1, 0, 4]
+    ids = torch.tensor([5, 3, 5, 3, 9])
+    first, inverse = first_occurrences(ids, return_inverse=True)
+    assert first.tolist() == [1, 0, 4] and torch.equal(ids[first][inverse], ids)
 
 
 # -- the oracle ceiling -----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.eval.retrieval import caption_ids
+from lightning_clip.eval.retrieval import caption_ids, first_occurrences
 
 
 @dataclass
@@ -64,14 +64,6 @@ class EmbeddedSplit:
         return relevance_matrix(self.constraints, self.scenes)
 
 
-def _first_seen(ids: Tensor) -> Tensor:
-    """Indices of each id's first occurrence, in order of appearance."""
-    seen: dict[int, int] = {}
-    for i, v in enumerate(ids.tolist()):
-        seen.setdefault(v, i)
-    return torch.tensor(sorted(seen.values()), dtype=torch.long)
-
-
 @torch.no_grad()
 def embed_split(module, loader: Iterable[dict], max_batches: Optional[int] = None) -> EmbeddedSplit:
     """Run ``module`` (a `ClipModule`) over a validation-style loader; see the module docstring."""
@@ -109,7 +101,8 @@ def embed_split(module, loader: Iterable[dict], max_batches: Optional[int] = Non
     if not parts["image"]:
         raise ValueError("the evaluation data yielded no batch (empty or missing shards?)")
     cat = {k: torch.cat(v) for k, v in parts.items() if v and isinstance(v[0], Tensor)}
-    img_rows, txt_rows = _first_seen(cat["image_id"]), _first_seen(cat["text_id"])
+    # each image and caption once, in order of first appearance
+    img_rows, txt_rows = (first_occurrences(cat[k]).sort().values for k in ("image_id", "text_id"))
     scenes = [parts["scene"][i] for i in img_rows.tolist()]
     constraints = [parts["constraints"][i] for i in txt_rows.tolist()]
     return EmbeddedSplit(

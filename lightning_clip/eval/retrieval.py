@@ -112,13 +112,16 @@ def rank_summary(ranks: Tensor, ks: Iterable[int] = DEFAULT_KS) -> dict[str, Ten
     return out
 
 
-def first_occurrences(ids: Tensor) -> Tensor:
+def first_occurrences(ids: Tensor, return_inverse: bool = False):
     """Indices of the first occurrence of each distinct id (order: ascending id). Used to deduplicate the
-    repeated images of a (image, caption) validation set and the duplicates added by distributed padding."""
+    repeated images of a (image, caption) validation set and the duplicates added by distributed padding.
+    With ``return_inverse``, ``(first, inverse)`` such that ``ids == ids[first][inverse]`` (the module's
+    eval forward runs the image tower on ``first`` and expands with ``inverse``)."""
     uniq, inverse = torch.unique(ids, return_inverse=True)
     pos = torch.arange(ids.numel(), device=ids.device)
     first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.long, device=ids.device)
-    return first.scatter_reduce(0, inverse, pos, reduce="amin")
+    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
+    return (first, inverse) if return_inverse else first
 
 
 @torch.no_grad()
