@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.eval.retrieval import first_occurrences
+from lightning_clip.dedup import first_occurrences
 from lightning_clip.losses import build_loss
 from lightning_clip.losses._inputs import NonFiniteError
 from lightning_clip.models import ImageTower, ProjectionHead, TextTower, VarianceHead
@@ -137,10 +137,9 @@ class ClipModule(L.LightningModule):
         """The image tower's ``(pooled, regions)`` for the batch; in eval mode each distinct image once.
 
         A validation batch holds every caption of its images (five per image in the synthetic world and
-        in Flickr), so the tower used to run five times over the same pixels: a batch of 64 rows with 13
-        images took 9.7 ms, 3.3 ms once per image (an uncommitted timing), with bit-identical outputs. In
-        eval mode each image's features depend on that image alone (no dropout, norms on running
-        statistics). Rows count as one image only when ``meta["image_id"]`` says so *and* their pixels
+        in Flickr), so running the tower per row would embed the same pixels five times. In eval mode
+        each image's features depend on that image alone (no dropout, norms on running statistics), so
+        embedding each distinct image once gives bit-identical outputs. Rows count as one image only when ``meta["image_id"]`` says so *and* their pixels
         are equal, so a reused id can never hand one image's features to another."""
         images = batch["image"]
         ids = (batch.get("meta") or {}).get("image_id")
@@ -223,8 +222,8 @@ class ClipModule(L.LightningModule):
 
     def _log_train(self, out, bs: int) -> None:
         if not logging_step(self._trainer):
-            # Training values are logged on_step only, so only what the logger writes is ever seen; each
-            # self.log costs ~0.25 ms of a ~37 ms default step. (A callback monitoring train/loss sees it
+            # Training values are logged on_step only, so only what the logger writes is ever seen, and
+            # each self.log call costs time in every step. (A callback monitoring train/loss sees it
             # every log_every_n_steps, and at the last step.)
             return
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)

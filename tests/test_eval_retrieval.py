@@ -7,8 +7,9 @@ import statistics
 import pytest
 import torch
 
-from lightning_clip.eval.retrieval import (RetrievalMetric, first_occurrences, oracle_ceiling, rank_summary, retrieval_metrics,
-                                    retrieval_ranks)
+from lightning_clip.dedup import first_occurrences
+from lightning_clip.eval.retrieval import (RetrievalMetric, oracle_ceiling, rank_summary, retrieval_metrics,
+                                           retrieval_ranks)
 
 
 # -- brute force: sort every candidate list, negatives first among equal scores (the pessimistic rule) ---

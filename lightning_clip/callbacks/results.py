@@ -2,7 +2,7 @@
 
 The JSON is a flat dict of the last value of every logged metric (``trainer.callback_metrics``) plus
 ``step``, ``epoch``, ``wall_time_s`` and ``loss_family``; the ablation table reads it. It is rewritten
-after each validation and at the end of fit, atomically (temporary file + ``os.replace``), so a run
+after each validation and at the end of fit, atomically (`lightning_clip.files.atomic_write`), so a run
 killed mid-write never leaves half a file for the table to trip on.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_clip.files import atomic_write
 
 FILENAME = "final_metrics.json"
 #: scalar tags the HPARAMS tab shows next to each run's settings
@@ -107,12 +109,6 @@ class ResultsCallback(L.Callback):
     def write(self, trainer, pl_module) -> Optional[str]:
         if not trainer.is_global_zero:
             return None
-        folder = run_dir(trainer)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, self.filename)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.collect(trainer, pl_module), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        path = os.path.join(run_dir(trainer), self.filename)
+        atomic_write(path, json.dumps(self.collect(trainer, pl_module), indent=2, sort_keys=True) + "\n")
         return path

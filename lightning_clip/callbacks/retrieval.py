@@ -10,7 +10,7 @@ is ranked by the match it was trained for.
 
 Semantic relevance needs each image's scene and each caption's constraints (synthetic data only): they are
 collected per id here, gathered across ranks as python objects, and turned into a relevance matrix by
-`lightning_clip.data.synthetic.relevance_matrix`. Real data has ``None`` there and gets no semantic keys.
+`lightning_clip.eval.retrieval.oracle_relevance`. Real data has ``None`` there and gets no semantic keys.
 
 With the relevance the callback also logs the oracle ceiling, ``val/ceiling/{t2i,i2t}/R@1``
 (`lightning_clip.eval.retrieval.oracle_ceiling`): the expected R@1 of the relevance oracle used as a scorer (a
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_clip.eval.retrieval import (DEFAULT_CHUNK, DEFAULT_KS, RetrievalMetric, RetrievalResult, caption_ids,
-                                          oracle_ceiling)
+                                          oracle_ceiling, oracle_relevance)
 
 IMAGE_EXTRAS = ("num_objects",)
 TEXT_EXTRAS = ("specificity",)
@@ -102,13 +102,8 @@ class RetrievalCallback(L.Callback):
 
     def _relevance(self, image_ids: Tensor, text_ids: Tensor) -> Optional[Tensor]:
         """bool [n_texts, n_images] from the oracle, or None unless every item has ground truth."""
-        scenes = [self._scenes.get(int(i)) for i in image_ids]
-        constraints = [self._constraints.get(int(t)) for t in text_ids]
-        if any(s is None for s in scenes) or any(c is None for c in constraints):
-            return None
-        from lightning_clip.data.synthetic import relevance_matrix
-
-        return relevance_matrix(constraints, scenes)
+        return oracle_relevance([self._constraints.get(int(t)) for t in text_ids],
+                                [self._scenes.get(int(i)) for i in image_ids])
 
     # -- results ---------------------------------------------------------------------------------------
     def result(self, trainer, pl_module) -> Optional[RetrievalResult]:

@@ -18,6 +18,8 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
+from lightning_clip.files import atomic_write
+
 #: how many training images the linear probes are fitted on (CLIP_benchmark fits on a dataset's train split)
 PROBE_IMAGES = 2000
 
@@ -117,10 +119,7 @@ def evaluate_checkpoint(ckpt_path: str, out: Optional[str] = None, split: str = 
                              similarity=getattr(module.loss, "similarity", None), text_embed_fn=text_embed_fn,
                              probe_train=probe_train)
     out_path = Path(out) if out else run / ("eval.json" if split == "val" else f"eval_{split}.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    os.replace(tmp, out_path)  # never a half-written eval.json for the report to read
+    atomic_write(out_path, json.dumps(records, indent=1) + "\n")  # the report never reads half an eval.json
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.eval.retrieval import caption_ids, first_occurrences
+from lightning_clip.dedup import first_occurrences
+from lightning_clip.eval.retrieval import caption_ids, oracle_relevance
 
 
 @dataclass
@@ -57,11 +58,7 @@ class EmbeddedSplit:
 
     def relevance(self) -> Optional[Tensor]:
         """The oracle's bool ``[Nt, Ni]`` (caption j true of image i), or None without ground truth."""
-        if self.scenes is None or self.constraints is None:
-            return None
-        from lightning_clip.data.synthetic import relevance_matrix
-
-        return relevance_matrix(self.constraints, self.scenes)
+        return oracle_relevance(self.constraints, self.scenes)
 
 
 @torch.no_grad()

@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_clip.dedup import first_occurrences
+from lightning_clip.losses.base import cosine_similarity
+
 #: ``similarity(image, text, image_ln_std, text_ln_std) -> [N_image, N_text]`` (``ContrastiveLoss.similarity``).
 #: One that also takes a ``direction`` keyword is told which side queries ("i2t": image rows rank captions,
 #: "t2i": caption columns rank images), for families whose two directions score differently (filip).
@@ -65,10 +68,15 @@ def caption_ids(meta: dict, n: int) -> Tensor:
     return torch.tensor([stable_id(f"{k}\x1f{c}") for k, c in zip(keys, captions)], dtype=torch.long)
 
 
-def cosine_similarity(image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
-                      text_ln_std: Optional[Tensor] = None) -> Tensor:
-    """The default score (same as `ContrastiveLoss.similarity`); variance arguments are ignored."""
-    return F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+def oracle_relevance(constraints: Optional[Sequence[Optional[dict]]],
+                     scenes: Optional[Sequence[Optional[dict]]]) -> Optional[Tensor]:
+    """The synthetic world's oracle, bool ``[Nt, Ni]`` (caption j true of image i), from each caption's
+    constraints and each image's scene; None unless every item has them (real data has none)."""
+    if constraints is None or scenes is None or any(c is None for c in constraints) or any(s is None for s in scenes):
+        return None
+    from lightning_clip.data.synthetic import relevance_matrix
+
+    return relevance_matrix(constraints, scenes)
 
 
 # -- pure functions ----------------------------------------------------------------------------------
@@ -110,18 +118,6 @@ def rank_summary(ranks: Tensor, ks: Iterable[int] = DEFAULT_KS) -> dict[str, Ten
     out["median_rank"] = torch.quantile(r, 0.5)  # interpolates between the two middle ranks, like numpy
     out["mean_rank"] = r.mean()
     return out
-
-
-def first_occurrences(ids: Tensor, return_inverse: bool = False):
-    """Indices of the first occurrence of each distinct id (order: ascending id). Used to deduplicate the
-    repeated images of a (image, caption) validation set and the duplicates added by distributed padding.
-    With ``return_inverse``, ``(first, inverse)`` such that ``ids == ids[first][inverse]`` (the module's
-    eval forward runs the image tower on ``first`` and expands with ``inverse``)."""
-    uniq, inverse = torch.unique(ids, return_inverse=True)
-    pos = torch.arange(ids.numel(), device=ids.device)
-    first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.long, device=ids.device)
-    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
-    return (first, inverse) if return_inverse else first
 
 
 @torch.no_grad()

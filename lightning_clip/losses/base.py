@@ -19,6 +19,13 @@ LOG_SCALE_MAX = math.log(100.0)
 SCALE_MIN = 1.0  # exp(0): the clamp's lower end
 
 
+def cosine_similarity(image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
+                      text_ln_std: Optional[Tensor] = None) -> Tensor:
+    """Cosine similarity ``[N_image, N_text]`` in float32: the default retrieval score of every family
+    (`ContrastiveLoss.similarity`) and of evaluation; the variance arguments are ignored."""
+    return F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+
+
 class ContrastiveLoss(nn.Module):
     """Base class. Subclasses set `needs` and implement `forward`.
 
@@ -84,7 +91,7 @@ class ContrastiveLoss(nn.Module):
                    text_ln_std: Optional[Tensor] = None) -> Tensor:
         """Score matrix [N_image, N_text] used to rank at validation. Cosine similarity by default;
         families with another notion of match (probabilistic) override it."""
-        return F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+        return cosine_similarity(image, text)
 
     def forward(self, emb: Embeddings) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
