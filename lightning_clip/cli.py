@@ -34,8 +34,8 @@ def _share_cores(datamodule) -> None:
     """Give the training process the cores the loader workers leave free.
 
     Torch's default (one intra-op thread per core) plus the DataLoader workers oversubscribes a small
-    machine: on 2 cores with 2 workers a step measured 4x slower than with one training thread. A user's
-    OMP_NUM_THREADS always wins.
+    machine: the training threads and the workers preempt each other on the same cores and every step
+    waits for the slowest thread. A user's OMP_NUM_THREADS always wins.
     """
     if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
         return
@@ -48,8 +48,8 @@ def _cheap_cuda_probe() -> None:
 
     torch's AdamW asks `torch.cuda.is_available()` on every step (its CUDA-graph capture check), and
     Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 at import, which makes each call load and initialise
-    libnvidia-ml afresh: 0.33 ms of a ~37 ms default step (cProfile) on this repository's CPU machine with
-    a CUDA build of torch. When NVML finds no GPU, the CUDA runtime's own count answers the same (0),
+    libnvidia-ml afresh: a visible share of every step on a CPU machine with a CUDA build of torch
+    (BENCHMARKS.md). When NVML finds no GPU, the CUDA runtime's own count answers the same (0),
     caches it, and has no GPU context to carry into forked loader workers, which is what the NVML check
     is for; with a GPU nothing changes."""
     if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and not torch.cuda.is_available():

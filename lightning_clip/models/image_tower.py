@@ -34,17 +34,17 @@ class ImageTower(nn.Module):
             self.model = timm.create_model(name, **kwargs)
         self.num_features = self.model.num_features
         self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
-        # NHWC lets oneDNN (CPU) and cuDNN (tensor cores) pick their fast convolution kernels: timm's
-        # test_resnet forward+backward at 64 px, batch 64, one CPU thread: 112 -> 82 ms
-        # (benchmarks/tower_layout.py). Same maths; only 4-D weights change layout, so a ViT is unaffected
-        # apart from its patch embedding.
+        # NHWC lets oneDNN (CPU) and cuDNN (tensor cores) pick their fast convolution kernels (figures:
+        # BENCHMARKS.md, benchmarks/tower_layout.py). Same maths; only 4-D weights change layout, so a ViT
+        # is unaffected apart from its patch embedding.
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         # bf16 for this tower alone, whatever the trainer's precision: on a CPU with AVX512-BF16 (or AMX)
-        # oneDNN's bf16 convolutions make the tiny CNN's forward+backward ~1.2-1.8x faster, while the small
-        # text tower's matmuls get *slower* under autocast (cast overhead on tiny ops), so the default
-        # CPU configuration runs fp32 everywhere except here (benchmarks/tower_precision.py).
+        # oneDNN's bf16 convolutions speed up the tiny CNN's forward+backward, while the small text
+        # tower's matmuls get *slower* under autocast (cast overhead on tiny ops), so the default CPU
+        # configuration runs fp32 everywhere except here (figures: BENCHMARKS.md,
+        # benchmarks/tower_precision.py).
         self.autocast = autocast
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -125,7 +125,7 @@ class CaptionEncoder:
 
     Each caption is tokenised once and its row kept: a loader worker sees the same captions again every
     epoch (the synthetic world has a few thousand distinct ones), and the fast tokenizer's per-call Python
-    (building one ``Encoding`` conversion per caption) was ~60 us of the ~250 us a training sample cost
+    (building one ``Encoding`` conversion per caption) is a large share of what a training sample costs
     the worker. At most ``capacity`` rows are kept; past that the memo starts over.
     """
 
