@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_clip import ablate
+from lightning_clip.grid import cells, cli, plan, store
+from lightning_clip.grid.executors import Exit, Local
+from lightning_clip.grid.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +57,7 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "fake.py").write_text(FAKE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
-    monkeypatch.setenv(ablate.CMD_ENV, f"{sys.executable} {tmp_path / 'fake.py'}")
+    monkeypatch.setenv(cli.CMD_ENV, f"{sys.executable} {tmp_path / 'fake.py'}")
     return tmp_path
 
 
@@ -77,43 +79,43 @@ def run_dirs(root: Path, ablation: str = "toy", runs: str = "runs") -> list[str]
 
 # ------------------------------------------------------------------------------------------- cells
 def test_parse_cell_reads_description_and_directives(tmp_path):
-    c = ablate.parse_cell(cell(tmp_path, "real", "x", "# what it tests\n# @baseline\n"
+    c = cells.parse_cell(cell(tmp_path, "real", "x", "# what it tests\n# @baseline\n"
                                                       "# @data REAL_SHARDS ../shared/data/x\nmodel: {}\n"), "real")
     assert (c.name, c.description, c.baseline, c.quick) == ("x", "what it tests", True, False)
     assert c.data_root({}) == Path("../shared/data/x") and c.data_root({"REAL_SHARDS": "/d"}) == Path("/d")
     with pytest.raises(ValueError, match="unknown directive '# @basline'"):
-        ablate.parse_cell(cell(tmp_path, "t", "y", "# typo\n# @basline\n"), "t")
+        cells.parse_cell(cell(tmp_path, "t", "y", "# typo\n# @basline\n"), "t")
     with pytest.raises(ValueError, match="one-line comment"):
-        ablate.parse_cell(cell(tmp_path, "t", "z", "model: {loss: infonce}\n"), "t")
+        cells.parse_cell(cell(tmp_path, "t", "z", "model: {loss: infonce}\n"), "t")
 
 
 def test_seeds_directive_parses_per_cell(project):
-    c = ablate.parse_cell(cell(project, "toy", "c", "# one seed is enough\n# @seeds 1\nmodel: {}\n"), "toy")
-    assert c.seeds == 1 and ablate.parse_cell(project / "experiments/ablations/toy/a.yaml", "toy").seeds is None
+    c = cells.parse_cell(cell(project, "toy", "c", "# one seed is enough\n# @seeds 1\nmodel: {}\n"), "toy")
+    assert c.seeds == 1 and cells.parse_cell(project / "experiments/ablations/toy/a.yaml", "toy").seeds is None
     for bad in ("# @seeds", "# @seeds two", "# @seeds 0", "# @seeds 1 2"):
         with pytest.raises(ValueError, match="'# @seeds' takes one positive integer"):
-            ablate.parse_cell(cell(project, "t", "bad", f"# bad\n{bad}\n"), "t")
-    a = ablate.load_ablation("toy")  # a (no directive: 3 seeds), c (1 seed): the ablation plans 3
-    assert a.default_seeds == 3 and ablate.seeds_for(a) == [0, 1, 2]
-    assert ablate.seeds_for(a, cli_seeds=2) == [0, 1] and ablate.seeds_for(a, quick=True) == [0]
+            cells.parse_cell(cell(project, "t", "bad", f"# bad\n{bad}\n"), "t")
+    a = cells.load_ablation("toy")  # a (no directive: 3 seeds), c (1 seed): the ablation plans 3
+    assert a.default_seeds == 3 and cells.seeds_for(a) == [0, 1, 2]
+    assert cells.seeds_for(a, cli_seeds=2) == [0, 1] and cells.seeds_for(a, quick=True) == [0]
     cell(project, "toy", "b", "# the other loss\n# @seeds 5\nmodel: {loss: siglip}\n")
-    assert ablate.load_ablation("toy").default_seeds == 5  # cells may differ: the most wins
+    assert cells.load_ablation("toy").default_seeds == 5  # cells may differ: the most wins
 
 
 def test_seeds_directive_sets_each_cells_seeds_and_the_command_line_overrides(project, capsys):
     cell(project, "one", "a", "# the reference\n# @baseline\n# @seeds 2\nmodel: {loss: infonce}\n")
     cell(project, "one", "b", "# the other\n# @quick\n# @seeds 1\nmodel: {loss: siglip}\n")
-    assert ablate.main(["--no-report"]) == 0  # toy: no directive, 3 seeds; one: a 2 seeds, b 1 seed
+    assert cli.main(["--no-report"]) == 0  # toy: no directive, 3 seeds; one: a 2 seeds, b 1 seed
     assert run_dirs(project, "one") == ["one/a/seed_0", "one/a/seed_1", "one/b/seed_0"]
     assert len(run_dirs(project, "toy")) == 6
     assert "seeds per ablation one: 2, toy: 3" in capsys.readouterr().out
     assert json.loads((project / "runs/one/ablation.json").read_text())["seeds"] == [0, 1]
-    assert ablate.main(["--ablation", "one", "--seeds", "3", "--no-report"]) == 0  # every cell, 3 seeds
+    assert cli.main(["--ablation", "one", "--seeds", "3", "--no-report"]) == 0  # every cell, 3 seeds
     assert run_dirs(project, "one")[-1] == "one/b/seed_2" and len(run_dirs(project, "one")) == 6
-    assert ablate.main(["--ablation", "one", "--quick", "--no-report"]) == 0
+    assert cli.main(["--ablation", "one", "--quick", "--no-report"]) == 0
     assert run_dirs(project, "one", runs="runs/quick") == ["one/a/seed_0", "one/b/seed_0"]  # 1 seed
     capsys.readouterr()
-    assert ablate.main(["--ablation", "one", "--dry-run"]) == 0
+    assert cli.main(["--ablation", "one", "--dry-run"]) == 0
     plan = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert plan == ["done"] * 3  # the per-cell default again, all complete
 
@@ -121,28 +123,29 @@ def test_seeds_directive_sets_each_cells_seeds_and_the_command_line_overrides(pr
 def test_ablation_needs_one_baseline(project):
     cell(project, "toy", "b", "# the other loss\n# @baseline\nmodel: {loss: siglip}\n")
     with pytest.raises(SystemExit, match="exactly one cell marked '# @baseline'"):
-        ablate.load_ablation("toy")
+        cells.load_ablation("toy")
     with pytest.raises(SystemExit, match="unknown ablation 'nope'.*available: toy"):
-        ablate.load_ablation("nope")
+        cells.load_ablation("nope")
 
 
 def test_shipped_ablations_are_well_formed():
     root = REPO / "experiments" / "ablations"
-    names = ablate.available(root)
+    names = cells.available(root)
     assert names[:5] == ["losses", "batch_size", "batch_steps", "duplicates", "variance"] and "real" in names
-    assert "convergence" in names and "convergence" in ablate.STUDIES  # run only when named
+    assert "convergence" in names and cells.load_ablation("convergence", root).study  # run only when named
+    assert not any(cells.load_ablation(n, root).study for n in names if n != "convergence")
     for name in names:
-        a = ablate.load_ablation(name, root)
+        a = cells.load_ablation(name, root)
         assert a.cells[0].baseline
         for c in a.cells:
             delta = yaml.safe_load(c.path.read_text())
             assert set(delta) <= {"model", "data", "trainer"}, c.path
             assert "callbacks" not in (delta.get("trainer") or {}), f"{c.path}: cells never touch trainer.callbacks"
-    losses = {c.name for c in ablate.load_ablation("losses", root).cells}
+    losses = {c.name for c in cells.load_ablation("losses", root).cells}
     assert {"soft_targets-tutorial", "soft_targets-fixed", "probabilistic-proposal", "probabilistic-gaussian",
             "infonce", "siglip", "multi_positive", "nce", "dcl", "damsm"} <= losses
     # the convergence study runs every family of `losses`, each for the same (longer) budget
-    conv = ablate.load_ablation("convergence", root)
+    conv = cells.load_ablation("convergence", root)
     assert {c.name for c in conv.cells} == losses
     assert len({yaml.safe_load(c.path.read_text())["trainer"]["max_steps"] for c in conv.cells}) == 1
 
@@ -152,22 +155,22 @@ def test_shipped_ablations_are_well_formed():
 
     # equal pairs: every batch size sees the same number of training pairs, so only the batch differs;
     # equal steps: every batch size takes the same number of optimizer steps
-    sizes = {c.name: shape(c) for c in ablate.load_ablation("batch_size", root).cells}
+    sizes = {c.name: shape(c) for c in cells.load_ablation("batch_size", root).cells}
     assert len({b * s for b, s in sizes.values()}) == 1 and len({b for b, _ in sizes.values()}) >= 3
-    steps = {c.name: shape(c) for c in ablate.load_ablation("batch_steps", root).cells}
+    steps = {c.name: shape(c) for c in cells.load_ablation("batch_steps", root).cells}
     assert len({s for _, s in steps.values()}) == 1 and set(steps) == set(sizes)
     # ... and they share their batch-64 cells (same configuration: the runner copies them)
     assert sizes["infonce-b64"] == steps["infonce-b64"]
     # the duplicate-aware comparison needs an image several times in a batch, and the false-negative
     # settings differ in the training captions only
-    for c in ablate.load_ablation("duplicates", root).cells:
+    for c in cells.load_ablation("duplicates", root).cells:
         assert yaml.safe_load(c.path.read_text())["data"]["batching"] == "caption", c.name
-    assert all(c.data for c in ablate.load_ablation("real", root).cells)
+    assert all(c.data for c in cells.load_ablation("real", root).cells)
 
 
 # ------------------------------------------------------------------------------------------ runner
 def test_runs_everything_then_skips_complete_runs(project, capsys):
-    assert ablate.main(["--seeds", "2"]) == 0
+    assert cli.main(["--seeds", "2"]) == 0
     assert run_dirs(project) == ["toy/a/seed_0", "toy/a/seed_1", "toy/b/seed_0", "toy/b/seed_1"]
     assert len(calls(project)) == 4
     first = calls(project)[0]["args"]
@@ -179,7 +182,7 @@ def test_runs_everything_then_skips_complete_runs(project, capsys):
     out = capsys.readouterr().out
     assert "[4/4 done, 0 left" in out and "ETA" in out
 
-    assert ablate.main(["--seeds", "2"]) == 0
+    assert cli.main(["--seeds", "2"]) == 0
     assert len(calls(project)) == 4, "complete runs are not run again"
     assert "4 run(s) already complete" in capsys.readouterr().out
 
@@ -188,7 +191,7 @@ def test_interrupted_run_is_cleared_and_redone(project):
     partial = project / "runs" / "toy" / "a" / "seed_0"
     partial.mkdir(parents=True)
     (partial / "events.out.tfevents.half").write_text("half a run")  # no DONE stamp: interrupted
-    assert ablate.main(["--seeds", "1"]) == 0
+    assert cli.main(["--seeds", "1"]) == 0
     assert not (partial / "events.out.tfevents.half").exists() and (partial / "DONE").exists()
     assert [c["run_dir"] for c in calls(project)] == ["runs/toy/a/seed_0", "runs/toy/b/seed_0"]
 
@@ -196,7 +199,7 @@ def test_interrupted_run_is_cleared_and_redone(project):
 def test_failure_is_reported_with_its_log_and_the_others_run(project, capsys):
     cell(project, "toy", "b", "# the other loss\nmodel: {loss: siglip}\nfake: {fail: true}\n")
     cell(project, "toy", "c", "# no metrics written\nfake: {no_metrics: true}\n")
-    assert ablate.main(["--seeds", "1"]) == 1
+    assert cli.main(["--seeds", "1"]) == 1
     assert run_dirs(project) == ["toy/a/seed_0"]
     captured = capsys.readouterr()
     log = Path("runs/toy/b/seed_0/run.log")
@@ -210,19 +213,19 @@ def test_failure_is_reported_with_its_log_and_the_others_run(project, capsys):
 
 
 def test_stale_run_is_redone_when_its_config_changes(project, capsys):
-    assert ablate.main(["--seeds", "1"]) == 0
+    assert cli.main(["--seeds", "1"]) == 0
     cell(project, "toy", "b", "# the other loss, with a comment edit\nmodel: {loss: siglip}  # same\n")
-    assert ablate.main(["--seeds", "1"]) == 0
+    assert cli.main(["--seeds", "1"]) == 0
     assert len(calls(project)) == 2, "a comment does not change a run"
     cell(project, "toy", "b", "# the other loss\nmodel: {loss: siglip, lr: 0.1}\n")
-    assert ablate.main(["--seeds", "1"]) == 0
+    assert cli.main(["--seeds", "1"]) == 0
     assert [c["run_dir"] for c in calls(project)][2:] == ["runs/toy/b/seed_0"]
     assert "redo toy/b seed 0: its configs changed" in capsys.readouterr().out
 
 
 def test_equal_runs_are_copied_not_recomputed(project, capsys):
     cell(project, "zz_other", "a", "# the same reference\n# @baseline\nmodel: {loss: infonce}\n")
-    assert ablate.main(["--seeds", "1", "--ablation", "toy", "zz_other"]) == 0
+    assert cli.main(["--seeds", "1", "--ablation", "toy", "zz_other"]) == 0
     assert len(calls(project)) == 2
     copied = project / "runs" / "zz_other" / "a" / "seed_0"
     assert json.loads((copied / "DONE").read_text())["copied_from"] == "runs/toy/a/seed_0"
@@ -234,7 +237,7 @@ def test_equal_runs_are_not_trained_at_once_with_two_jobs(project, capsys):
     # With two slots, the copy of toy/a would otherwise start beside toy/a and train the same thing
     cell(project, "zz_other", "a", "# the same reference\n# @baseline\nmodel: {loss: infonce}\n")
     # planned zz_other/a, toy/a, toy/b: the first two are equal, so toy/b takes the second slot
-    assert ablate.main(["--seeds", "1", "--jobs", "2", "--ablation", "zz_other", "toy"]) == 0
+    assert cli.main(["--seeds", "1", "--jobs", "2", "--ablation", "zz_other", "toy"]) == 0
     assert sorted(c["run_dir"] for c in calls(project)) == ["runs/toy/b/seed_0", "runs/zz_other/a/seed_0"]
     assert "copied toy/a seed 0 from runs/zz_other/a/seed_0" in capsys.readouterr().out
 
@@ -244,22 +247,22 @@ def test_longest_runs_start_first_plan_order_among_equals(project):
     cell(project, "toy", "d", "# bigger batches, fewer steps: 20 x 8 = 160 samples\ntrainer: {max_steps: 20}\n"
          "data: {batch_size: 8}\n")
     (project / "experiments" / "base.yaml").write_text("trainer: {max_steps: 10}\ndata: {batch_size: 4}\n")
-    runs = ablate.plan_runs(ablate.load_ablation("toy", project / "experiments" / "ablations"), [0, 1],
+    runs = plan.plan_runs(cells.load_ablation("toy", project / "experiments" / "ablations"), [0, 1],
                             project / "runs", base=project / "experiments" / "base.yaml")
     assert {r.cell.name: r.cost for r in runs} == {"a": 40, "b": 40, "c": 120, "d": 160}
-    order = [(r.cell.name, r.seed) for r in ablate.longest_first(runs)]
+    order = [(r.cell.name, r.seed) for r in plan.longest_first(runs)]
     assert order == [("d", 0), ("d", 1), ("c", 0), ("c", 1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
-    assert ablate.main(["--seeds", "2"]) == 0
+    assert cli.main(["--seeds", "2"]) == 0
     assert [c["run_dir"].split("/")[2] for c in calls(project)] == [n for n, _ in order]
     # an override on the command line counts too
-    more = ablate.plan_runs(ablate.load_ablation("toy", project / "experiments" / "ablations"), [0],
+    more = plan.plan_runs(cells.load_ablation("toy", project / "experiments" / "ablations"), [0],
                             project / "runs", base=project / "experiments" / "base.yaml",
                             extra=["--trainer.max_steps=100"])
     assert {r.cost for r in more} == {400, 800}
 
 
 def test_quick_mode_keeps_its_own_folders(project):
-    assert ablate.main(["--quick"]) == 0
+    assert cli.main(["--quick"]) == 0
     assert run_dirs(project, runs="runs/quick") == ["toy/a/seed_0"]  # the @quick cell, one seed
     assert not (project / "runs" / "toy").exists() and (project / "results" / "quick" / "toy.md").exists()
     assert calls(project)[0]["configs"][-1] == "experiments/quick.yaml"
@@ -267,17 +270,17 @@ def test_quick_mode_keeps_its_own_folders(project):
 
 def test_missing_data_skips_the_cell(project, capsys, monkeypatch):
     cell(project, "toy", "real", "# on real photos\n# @data TOY_SHARDS shards/absent\nmodel: {}\n")
-    assert ablate.main(["--seeds", "1"]) == 0
+    assert cli.main(["--seeds", "1"]) == 0
     assert "skipping toy/real: its shards folder shards/absent" in capsys.readouterr().out
     (project / "mine" / "train").mkdir(parents=True)
     (project / "mine" / "val").mkdir()
     monkeypatch.setenv("TOY_SHARDS", "mine")
-    assert ablate.main(["--seeds", "1"]) == 0
+    assert cli.main(["--seeds", "1"]) == 0
     assert "--data.train_shards=mine/train" in calls(project)[-1]["args"]
 
 
 def test_extra_arguments_go_to_every_run(project):
-    assert ablate.main(["--seeds", "1", "--", "--trainer.max_steps=3"]) == 0
+    assert cli.main(["--seeds", "1", "--", "--trainer.max_steps=3"]) == 0
     assert all("--trainer.max_steps=3" in c["args"] for c in calls(project))
 
 
@@ -323,7 +326,7 @@ def test_kill_9_of_a_child_fails_that_run_and_a_rerun_redoes_it(project):
     assert run_dirs(project) == ["toy/b/seed_0"], "the other cell still ran"
 
     cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\n")
-    assert ablate.main(["--seeds", "1"]) == 0
+    assert cli.main(["--seeds", "1"]) == 0
     assert run_dirs(project) == ["toy/a/seed_0", "toy/b/seed_0"]
 
 
@@ -352,7 +355,7 @@ def test_kill_9_of_the_runner_then_resume(project, capsys):
     assert not _alive(child["pid"]), "the child of a runner killed with -9 dies with it, not orphaned"
 
     cell(project, "toy", "a", "# the reference\n# @baseline\nmodel: {loss: infonce}\n")
-    assert ablate.main(["--seeds", "1"]) == 0
+    assert cli.main(["--seeds", "1"]) == 0
     assert run_dirs(project) == ["toy/a/seed_0", "toy/b/seed_0"]
     assert "redo toy/a seed 0: interrupted" in capsys.readouterr().out
 
@@ -365,8 +368,8 @@ def test_an_orphan_left_running_is_stopped_before_its_folder_is_redone(project, 
     run_dir.mkdir(parents=True)
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--run_dir={run_dir}"],
                               start_new_session=True)
-    (run_dir / ablate.PID_FILE).write_text(f"{orphan.pid}\n")
-    assert ablate.main(["--seeds", "1"]) == 0
+    (run_dir / store.PID_FILE).write_text(f"{orphan.pid}\n")
+    assert cli.main(["--seeds", "1"]) == 0
     assert orphan.wait(timeout=30) == -signal.SIGKILL
     assert "redo toy/a seed 0: interrupted" in capsys.readouterr().out
 
@@ -377,7 +380,7 @@ def test_a_second_runner_on_the_same_folder_is_refused(project):
     try:
         _wait_for_call(project, 1)
         with pytest.raises(SystemExit, match="another `python -m lightning_clip.ablate` is running"):
-            ablate.main(["--seeds", "1"])
+            cli.main(["--seeds", "1"])
     finally:
         runner.send_signal(signal.SIGINT)
         runner.communicate(timeout=30)
@@ -389,8 +392,8 @@ def test_the_lock_is_the_runners_alone_not_its_forked_childrens(tmp_path):
     # gone (after a kill -9 the runs take a moment to stop on their parent-death signal)
     holder = textwrap.dedent(f"""\
         import os, sys, time
-        from lightning_clip import ablate
-        lock = ablate._Lock({str(tmp_path)!r}).__enter__()
+        from lightning_clip.grid import store
+        lock = store.Lock({str(tmp_path)!r}).__enter__()
         if os.fork() == 0:
             time.sleep(20)  # the child: outlives its parent, holding the inherited descriptor
             os._exit(0)
@@ -403,9 +406,9 @@ def test_the_lock_is_the_runners_alone_not_its_forked_childrens(tmp_path):
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit, match="another"):
-            ablate._Lock(tmp_path).__enter__().f.close()  # refused while the runner lives (other process)
+            store.Lock(tmp_path).__enter__().f.close()  # refused while the runner lives (other process)
         proc.wait(timeout=30)
-        ablate._Lock(tmp_path).__enter__().f.close()  # the runner is gone, its child is not: free
+        store.Lock(tmp_path).__enter__().f.close()  # the runner is gone, its child is not: free
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the sleeping child
@@ -421,7 +424,7 @@ def test_progress_line_and_eta():
             return True
 
     stream = Tty()
-    p = ablate.Progress(total=10, jobs=2, stream=stream)
+    p = Progress(total=10, jobs=2, stream=stream)
     assert p.eta() is None and "ETA ?" in p.summary()
     p.finished += [20.0, 40.0]  # mean 30 s; 8 runs left on 2 jobs, one of them 10 s in
     assert p.eta([10.0]) == pytest.approx((8 * 30 - 10) / 2)
@@ -434,34 +437,48 @@ def test_progress_line_and_eta():
 
 
 # ------------------------------------------------------------------------------------ evaluation suite
-def test_finished_runs_get_evaluated_once_and_copies_share_their_originals_eval(project, monkeypatch):
+class InProcess:
+    """An executor that finishes each job at once in this process: the evaluation writes its eval.json
+    naming the folder it evaluated. The loop and the store are the real ones."""
+    verb = "start "
+
+    def __init__(self):
+        self.started = []
+
+    def start(self, job):
+        self.started.append(str(job.folder))
+        (job.folder / job.output).write_text(json.dumps([{"run": str(job.folder)}]))
+        return job
+
+    def poll(self, handle):
+        return Exit(0)
+
+    def cancel(self, handle):
+        return "stopped"
+
+
+def test_finished_runs_get_evaluated_once_and_copies_share_their_originals_eval(project):
     cell(project, "zz_other", "a", "# the same reference\n# @baseline\nmodel: {loss: infonce}\n")
-    assert ablate.main(["--seeds", "1", "--ablation", "toy", "zz_other"]) == 0  # the fake skips eval
-    evaluated = []
-
-    def fake_evaluate(todo, jobs, quick, fork):
-        for run in todo:
-            evaluated.append(str(run.run_dir))
-            (run.run_dir / ablate.EVAL_FILE).write_text(json.dumps([{"run": str(run.run_dir)}]))
-        return []
-
-    monkeypatch.setattr(ablate, "_evaluate", fake_evaluate)
-    ablation = [ablate.load_ablation(n) for n in ("toy", "zz_other")]
-    runs = [r for a in ablation for r in ablate.plan_runs(a, [0], Path("runs"))]
-    assert ablate.evaluate_runs(runs) == []
+    assert cli.main(["--seeds", "1", "--ablation", "toy", "zz_other"]) == 0  # the fake skips eval
+    ablation = [cells.load_ablation(n) for n in ("toy", "zz_other")]
+    runs = [r for a in ablation for r in plan.plan_runs(a, [0], Path("runs"))]
+    executor = InProcess()
+    assert cli.evaluate(runs, executor) == []
     # the copy (zz_other/a) is not evaluated itself: its original is, once, and the file is shared
-    assert sorted(evaluated) == ["runs/toy/a/seed_0", "runs/toy/b/seed_0"]
-    copied = json.loads((project / "runs/zz_other/a/seed_0" / ablate.EVAL_FILE).read_text())
+    assert sorted(executor.started) == ["runs/toy/a/seed_0", "runs/toy/b/seed_0"]
+    copied = json.loads((project / "runs/zz_other/a/seed_0" / store.EVAL_FILE).read_text())
     assert copied == [{"run": "runs/toy/a/seed_0"}]
-    evaluated.clear()
-    assert ablate.evaluate_runs(runs) == [] and evaluated == []  # nothing left to do
+    executor.started.clear()
+    assert cli.evaluate(runs, executor) == [] and executor.started == []  # nothing left to do
 
 
-def test_a_failed_evaluation_is_reported_with_its_log(project, monkeypatch):
-    assert ablate.main(["--seeds", "1", "--ablation", "toy"]) == 0
-    runs = ablate.plan_runs(ablate.load_ablation("toy"), [0], Path("runs"))
+def test_a_failed_evaluation_is_reported_with_its_log(project):
+    assert cli.main(["--seeds", "1", "--ablation", "toy"]) == 0
+    runs = plan.plan_runs(cells.load_ablation("toy"), [0], Path("runs"))
     # the real command on a fake run (no checkpoint): it must fail, and say where to look
     for fork in (False, True):  # a fresh interpreter, and a child forked from this one (the default)
-        problems = ablate._evaluate(runs[:1], jobs=1, quick=True, fork=fork)
-        assert len(problems) == 1 and "eval of toy/a seed 0 failed" in problems[0] and "eval.log" in problems[0]
-        assert "no checkpoint" in (project / "runs/toy/a/seed_0" / ablate.EVAL_LOG).read_text()
+        failures = cli.evaluate(runs[:1], Local(1, fork), quick=True)
+        assert len(failures) == 1 and str(failures[0]).startswith("eval of toy/a seed 0: exit 1; log ")
+        assert str(failures[0]).endswith("runs/toy/a/seed_0/eval.log")
+        assert "no checkpoint" in (project / "runs/toy/a/seed_0" / store.EVAL_LOG).read_text()
+        assert not (project / "runs/toy/a/seed_0" / store.EVAL_FILE).exists()

@@ -1,4 +1,4 @@
-"""lightning_clip.launch: runs forked from the runner behave like `python -m lightning_clip` subprocesses."""
+"""lightning_clip.grid.fork: runs forked from the runner behave like `python -m lightning_clip` subprocesses."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_clip import ablate, launch
+from lightning_clip.grid import fork as launch
+from lightning_clip.grid.executors import Local, forkable
+from lightning_clip.grid.store import Job
 
 pytestmark = pytest.mark.skipif(not launch.available(), reason="forked runs are Linux-only")
 
@@ -71,17 +73,20 @@ def test_exit_codes_and_errors_are_those_of_an_interpreter(entry, args, code, sh
 
 
 def test_the_runner_stops_a_forked_run_and_its_group(entry):
-    cell = ablate.Cell(ablation="toy", name="a", path=entry / "a.yaml", description="")
-    run = ablate.Run(cell=cell, seed=0, run_dir=entry / "run", args=["sleep"], fingerprint="f")
-    active = ablate._Active(run, [sys.executable, "-m", "lightning_clip", "sleep"], dict(os.environ), fork=True)
-    assert isinstance(active.proc, launch.Forked)
+    (entry / "run").mkdir()
+    job = Job("toy/a seed 0", entry / "run", [sys.executable, "-m", "lightning_clip", "sleep"], "run.log",
+              "final_metrics.json", "f", run=None)
+    executor = Local(fork=True)
+    handle = executor.start(job)
+    assert isinstance(handle.proc, launch.Forked) and (entry / "run" / "PID").is_file()
     with pytest.raises(subprocess.TimeoutExpired):  # still sleeping
-        active.proc.wait(1)
-    active.stop(grace=5)
-    assert active.proc.returncode == -signal.SIGTERM
+        handle.proc.wait(1)
+    assert executor.poll(handle) is None
+    assert executor.cancel(handle, grace=5) == "stopped"
+    assert handle.proc.returncode == -signal.SIGTERM and not (entry / "run" / "PID").exists()
     # only this repository's own entry point is forked; any other command is a subprocess
-    assert not ablate._forkable([sys.executable, "other.py"], True)
-    assert not ablate._forkable([sys.executable, "-m", "lightning_clip", "fit"], False)
+    assert not forkable([sys.executable, "other.py"], True)
+    assert not forkable([sys.executable, "-m", "lightning_clip", "fit"], False)
 
 
 def test_preload_covers_what_a_default_run_and_its_evaluation_import_later():
@@ -90,7 +95,7 @@ def test_preload_covers_what_a_default_run_and_its_evaluation_import_later():
     # evaluation suite must import nothing new from transformers, timm or scikit-learn
     script = (
         "import sys, yaml\n"
-        "from lightning_clip import launch\n"
+        "from lightning_clip.grid import fork as launch\n"
         "launch.preload()\n"
         "before = set(sys.modules)\n"
         "from lightning_clip.module import ClipModule\n"

@@ -6,8 +6,10 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from lightning_clip import ablate, slurm  # noqa: E402
-from test_ablate import calls, cell, project, run_dirs  # noqa: E402,F401  (project is a fixture)
+from pathlib import Path  # noqa: E402
+
+from lightning_clip.grid import cli, slurm, store  # noqa: E402
+from test_grid import calls, cell, project, run_dirs  # noqa: E402,F401  (project is a fixture)
 
 
 def _options(project, **kw):
@@ -18,23 +20,23 @@ def _options(project, **kw):
 
 
 def test_the_grid_runs_as_jobs_then_is_skipped(project, capsys):
-    assert ablate.main(["--seeds", "1", *_options(project)]) == 0
+    assert cli.main(["--seeds", "1", *_options(project)]) == 0
     assert run_dirs(project) == ["toy/a/seed_0", "toy/b/seed_0"]
     out = capsys.readouterr().out
     assert out.count("submit ") == 2 and "-> job " in out and "toy: wrote" in out
     for d in run_dirs(project):
-        stamp = ablate.read_stamp(project / "runs" / d)
-        assert stamp["job_id"] and (project / "runs" / d / slurm.JOB_FILE).is_file()
+        stamp = store.read_stamp(project / "runs" / d)
+        assert stamp["job_id"] and (project / "runs" / d / store.JOB_FILE).is_file()
         assert (project / "runs" / d / "run.log").read_text().startswith("# ")  # the command, then its output
     assert (project / "results" / "toy.md").is_file()
 
-    assert ablate.main(["--seeds", "1", *_options(project)]) == 0
+    assert cli.main(["--seeds", "1", *_options(project)]) == 0
     assert "2 run(s) already complete" in capsys.readouterr().out and len(calls(project)) == 2
 
 
 def test_a_failed_job_is_reported_with_its_log_and_the_others_run(project, capsys):
     cell(project, "toy", "b", "# the other loss\nmodel: {loss: siglip}\nfake: {fail: true}\n")
-    assert ablate.main(["--seeds", "1", "--no-report", *_options(project)]) == 1
+    assert cli.main(["--seeds", "1", "--no-report", *_options(project)]) == 1
     captured = capsys.readouterr()
     assert "FAILED toy/b seed 0 (exit 3, job " in captured.out and "loss is NaN at step 3" in captured.out
     assert "log runs/toy/b/seed_0/run.log" in captured.err
@@ -53,5 +55,5 @@ def test_options_file_is_checked_and_ddp_arguments_follow_the_resources(project)
         "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.num_nodes=1"]
     assert slurm.trainer_args({"gpus_per_node": 0, "nodes": 1}) == []
     # the shipped options file parses and describes a SLURM job
-    shipped = slurm.load_options(ablate.Path(__file__).resolve().parents[1] / "experiments/executors/slurm.yaml")
+    shipped = slurm.load_options(Path(__file__).resolve().parents[1] / "experiments/executors/slurm.yaml")
     assert shipped["cluster"] == "slurm" and shipped["gpus_per_node"] >= 1

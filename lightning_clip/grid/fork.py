@@ -1,8 +1,8 @@
 """Start `python -m lightning_clip ARGS` runs without paying the interpreter's start-up each time.
 
-A fresh interpreter spends ~5.6 s of this repository's 2-core CPU importing torch, Lightning (with
-torchmetrics and torchvision), transformers and timm before a run's first step: for the ~130 runs and as
-many evaluations of `make ablate` that is ~12 minutes of its wall time at two runs at a time. `Forked`
+A fresh interpreter spends seconds importing torch, Lightning (with torchmetrics and torchvision),
+transformers and timm before a run's first step (BENCHMARKS.md, "Per-run start-up"), and `make ablate`
+starts ~130 runs and as many evaluations. `Forked`
 instead forks a child from the runner after one `preload()` of those modules, and the child runs the same
 entry point (`lightning_clip.cli.main`) with the same arguments, log file and environment a subprocess
 would have had. Linux only (fork after importing torch is not safe on macOS); `available()` says.
@@ -29,9 +29,9 @@ def preload() -> None:
     """Import what every run imports, once, in the process that will fork the runs."""
     import lightning_clip.cli  # noqa: F401  (torch, lightning, transformers, timm, the module, the data)
     import lightning_clip.eval.cli  # noqa: F401
-    # Imported lazily by every run and evaluation, so each fork paid them again: the default text tower's
-    # model class (transformers resolves AutoModel.from_config on first use: ~0.5 s here), the evaluation
-    # suite (scikit-learn: ~0.15 s) and the SummaryWriter the evaluation writes its scalars with.
+    # Imported lazily by every run and evaluation, so without this each fork would import them again:
+    # the default text tower's model class (transformers resolves AutoModel.from_config on first use),
+    # the evaluation suite (scikit-learn) and the SummaryWriter the evaluation writes its scalars with.
     import transformers.models.bert.modeling_bert  # noqa: F401
     import torch.utils.tensorboard  # noqa: F401
     import lightning_clip.eval.suite  # noqa: F401
@@ -73,7 +73,7 @@ def _child(args: Sequence[str], log: IO[bytes], env: Mapping[str, str], parent: 
     if env.get("OMP_NUM_THREADS", "").isdigit():
         # OpenMP and OpenBLAS read OMP_NUM_THREADS when the runner loaded them, not now: apply the run's
         # value to every thread pool (with two BLAS threads per evaluation, its small L-BFGS products
-        # for the linear probes ran several times slower than in a fresh interpreter)
+        # for the linear probes run several times slower than in a fresh interpreter)
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(int(env["OMP_NUM_THREADS"]))

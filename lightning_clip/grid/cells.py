@@ -1,0 +1,181 @@
+"""An ablation folder read into typed objects: its cells (with their header directives) and its settings.
+
+    experiments/ablations/<ablation>/<cell>.yaml     a short delta over experiments/base.yaml
+    experiments/ablations/<ablation>/_ablation.yaml  optional: settings of the ablation as a whole
+
+Directives are comment lines at the top of a cell. The first comment line says what the cell tests (it
+becomes the cell's description in the tables); lines starting with `# @` are directives:
+
+    # @baseline          the cell the others are compared with (exactly one per ablation)
+    # @quick             the cell belongs to the --quick subset
+    # @data VAR DEFAULT  the cell reads shards from $VAR (default DEFAULT), a folder with train/ and val/;
+                         the runner passes --data.train_shards/--data.val_shards, and skips the cell with
+                         a message when the folder is absent (real data is not on every machine)
+    # @seeds N           this cell's number of seeds (0..N-1) instead of 3. `--seeds` on the command line
+                         overrides every cell; `--quick` uses 1.
+
+`_ablation.yaml` keys (all optional):
+
+    study: true          run only when named (`--ablation NAME`), never by a plain `make ablate`
+    report:              what the report draws for this ablation (the runner writes it into the manifest)
+      curve_tags: [...]  the curves plotted against step (default: the report's own)
+      plateau: true      a table of each cell's distance from its own plateau
+      budget_against: losses   compare the final values with that ablation's runs (the default budget)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+
+import yaml
+
+ABLATIONS_DIR = Path("experiments/ablations")
+SETTINGS_FILE = "_ablation.yaml"
+# The order `make ablate` runs them in: the main table first, and `losses` before `variance`, which
+# repeats three of its cells and so copies their runs. Unlisted ablations follow alphabetically.
+PREFERRED_ORDER = ("losses", "batch_size", "batch_steps", "duplicates", "variance", "real")
+DEFAULT_SEEDS, QUICK_SEEDS = 3, 1
+DIRECTIVES = ("baseline", "quick", "data", "seeds")
+SETTINGS = {"study": bool, "report": dict}
+REPORT_SETTINGS = {"curve_tags": list, "plateau": bool, "budget_against": str}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    ablation: str
+    name: str
+    path: Path
+    description: str
+    baseline: bool = False
+    quick: bool = False
+    data: tuple[str, str] | None = None  # (environment variable, default folder)
+    seeds: int | None = None  # `# @seeds N`: the cell's seed count
+
+    def data_root(self, environ: Mapping[str, str] = os.environ) -> Path | None:
+        if self.data is None:
+            return None
+        var, default = self.data
+        return Path(environ.get(var) or default)
+
+    def data_missing(self, environ: Mapping[str, str] = os.environ) -> bool:
+        root = self.data_root(environ)
+        return root is not None and not (root.is_dir() and (root / "train").is_dir() and (root / "val").is_dir())
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    name: str
+    cells: tuple[Cell, ...]
+    study: bool = False
+    report: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    @property
+    def baseline(self) -> Cell:
+        return next(c for c in self.cells if c.baseline)
+
+    @property
+    def default_seeds(self) -> int:
+        """The most seeds any cell runs (each cell's `# @seeds N`, else DEFAULT_SEEDS)."""
+        return max(c.seeds or DEFAULT_SEEDS for c in self.cells)
+
+    def quick_subset(self) -> "Ablation":
+        """The '# @quick' cells plus the baseline (so that the paired differences exist in a smoke run)."""
+        return dataclasses.replace(self, cells=tuple(c for c in self.cells if c.quick or c.baseline))
+
+
+def seeds_for(ablation: Ablation, cli_seeds: int | None = None, quick: bool = False) -> list[int]:
+    """The seeds of one ablation: `--seeds` if given, else 1 with --quick, else as many as its cell with
+    the most (`# @seeds N`, else DEFAULT_SEEDS); the plan gives each cell only its own."""
+    if cli_seeds is not None:
+        n = cli_seeds
+    elif quick:
+        n = QUICK_SEEDS
+    else:
+        n = ablation.default_seeds
+    return list(range(n))
+
+
+def parse_cell(path: Path, ablation: str) -> Cell:
+    """Read a cell's description and directives from its leading comment lines."""
+    path = Path(path)
+    description, flags, data, seeds = "", set(), None, None
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if not line.startswith("#"):
+            break  # directives live in the header only
+        body = line.lstrip("#").strip()
+        if body.startswith("@"):
+            word, *args = body[1:].split()
+            if word not in DIRECTIVES:
+                raise ValueError(f"{path}: unknown directive '# @{word}' (known: {', '.join(DIRECTIVES)})")
+            if word == "data":
+                if len(args) != 2:
+                    raise ValueError(f"{path}: '# @data' takes a variable and a default folder, "
+                                     f"e.g. '# @data REAL_SHARDS ../shared/data/flickr8k-96'; got {args}")
+                data = (args[0], args[1])
+            elif word == "seeds":
+                if len(args) != 1 or not args[0].isdigit() or int(args[0]) < 1:
+                    raise ValueError(f"{path}: '# @seeds' takes one positive integer, e.g. '# @seeds 1'; got {args}")
+                seeds = int(args[0])
+            else:
+                flags.add(word)
+        elif not description:
+            description = body
+    if not description:
+        raise ValueError(f"{path}: a cell starts with a one-line comment saying what it tests")
+    return Cell(ablation, path.stem, path, description, "baseline" in flags, "quick" in flags, data, seeds)
+
+
+def _check_types(path: Path, given: Mapping, schema: Mapping[str, type], where: str = "") -> None:
+    for key, value in given.items():
+        if key not in schema:
+            raise ValueError(f"{path}: unknown key '{where}{key}' (known: {', '.join(schema)})")
+        if value is not None and not isinstance(value, schema[key]):
+            raise ValueError(f"{path}: '{where}{key}' must be a {schema[key].__name__}, got {value!r}")
+
+
+def parse_settings(path: Path) -> dict:
+    """`_ablation.yaml`, checked against `SETTINGS` / `REPORT_SETTINGS`; {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        given = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(given).__name__}")
+    _check_types(path, given, SETTINGS)
+    _check_types(path, given.get("report") or {}, REPORT_SETTINGS, "report.")
+    return given
+
+
+def load_ablation(name: str, ablations_dir: Path = ABLATIONS_DIR) -> Ablation:
+    folder = Path(ablations_dir) / name
+    if not folder.is_dir():
+        raise SystemExit(f"unknown ablation '{name}': no folder {folder} "
+                         f"(available: {', '.join(available(ablations_dir)) or 'none'})")
+    try:
+        cells = [parse_cell(p, name) for p in sorted(folder.glob("*.yaml")) if not p.name.startswith("_")]
+        settings = parse_settings(folder / SETTINGS_FILE)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not cells:
+        raise SystemExit(f"ablation '{name}' has no cells ({folder}/*.yaml)")
+    baselines = [c.name for c in cells if c.baseline]
+    if len(baselines) != 1:
+        raise SystemExit(f"ablation '{name}' needs exactly one cell marked '# @baseline', found "
+                         f"{baselines or 'none'} in {folder}")
+    # baseline first: tables and plots read top-down from the reference
+    cells.sort(key=lambda c: not c.baseline)
+    return Ablation(name, tuple(cells), bool(settings.get("study")), dict(settings.get("report") or {}))
+
+
+def available(ablations_dir: Path = ABLATIONS_DIR) -> list[str]:
+    names = sorted(p.name for p in Path(ablations_dir).glob("*")
+                   if p.is_dir() and any(not q.name.startswith("_") for q in p.glob("*.yaml")))
+    rank = {n: i for i, n in enumerate(PREFERRED_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))

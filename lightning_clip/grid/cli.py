@@ -1,0 +1,208 @@
+"""`python -m lightning_clip.ablate` (`make ablate`): run the ablation grid (cells x seeds) resumably,
+evaluate every finished run, then write the tables.
+
+    experiments/ablations/<ablation>/<cell>.yaml   a short delta over experiments/base.yaml (grid.cells)
+    runs/<ablation>/<cell>/seed_<k>/               one run: TensorBoard events, config.yaml,
+                                                   final_metrics.json, eval.json, run.log, DONE (grid.store)
+    results/<ablation>.{md,csv}, results/<ablation>_{curves,bars}.png      (lightning_clip.report)
+
+`--quick` adds experiments/quick.yaml to every run, keeps only the cells marked `# @quick` (and each
+baseline) and one seed, and writes to runs/quick/ and results/quick/, so a smoke run never mixes with a
+full run's stamps. A second call redoes nothing that is complete (grid.store says what is).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from lightning_clip.grid import cells as C
+from lightning_clip.grid import fork as forking
+from lightning_clip.grid import store
+from lightning_clip.grid.executors import Local, Slurm
+from lightning_clip.grid.plan import BASE_CONFIG, QUICK_CONFIG, Run, plan_runs
+from lightning_clip.grid.progress import Progress, hms
+from lightning_clip.grid.runner import Failure, run_jobs
+from lightning_clip.grid.slurm import SLURM_CONFIG, load_options
+
+CMD_ENV = "LIGHTNING_CLIP_ABLATE_CMD"  # replaces `python -m lightning_clip fit` (tests use a fake)
+
+
+def default_command() -> list[str]:
+    custom = os.environ.get(CMD_ENV)
+    return shlex.split(custom) if custom else [sys.executable, "-m", "lightning_clip", "fit"]
+
+
+def training_jobs(runs: Sequence[Run], prefix: Sequence[str]) -> list[store.Job]:
+    return [store.Job(r.label, r.run_dir, [*prefix, *r.args], store.LOG, store.METRICS, r.fingerprint, r, r.cost)
+            for r in runs]
+
+
+def evaluate(runs: Sequence[Run], executor, parallel: int = 1, quick: bool = False) -> list[Failure]:
+    """`python -m lightning_clip eval` on every complete run without eval.json (a copied run's original
+    once; the copy then shares its file), through the same loop as the training runs."""
+    todo, copies = store.evaluations_to_do(runs)
+    failures: list[Failure] = []
+    if todo:
+        print(f"evaluating {len(todo)} run(s) (eval.json: zero-shot, linear probes, geometry)", flush=True)
+        extra = ["--probe_images=500"] if quick else []
+        jobs = [store.Job(f"eval of {r.label}", r.run_dir,
+                          [sys.executable, "-m", "lightning_clip", "eval", f"--ckpt_path={r.run_dir}", *extra],
+                          store.EVAL_LOG, store.EVAL_FILE, str(r.run_dir), r) for r in todo]
+        failures = run_jobs(jobs, executor, store.Evaluations(), parallel=parallel)
+    store.share_evaluations(copies)
+    return failures
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lightning_clip.ablate", description=__doc__.split("\n")[0],
+                                epilog="Arguments after `--` go to every run, e.g. -- --trainer.max_steps=50.")
+    p.add_argument("--ablation", nargs="+", metavar="NAME",
+                   help="ablations to run (default: every folder under --ablations-dir that is not a study)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds per cell, 0..N-1, for every ablation (default: the cell's '# @seeds N', else "
+                        f"{C.DEFAULT_SEEDS}; {C.QUICK_SEEDS} with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"only the '# @quick' cells, {QUICK_CONFIG} on top, into <runs-dir>/quick and "
+                        "<results-dir>/quick")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--results-dir", type=Path, default=Path("results"))
+    p.add_argument("--ablations-dir", type=Path, default=C.ABLATIONS_DIR)
+    p.add_argument("--base", type=Path, default=BASE_CONFIG, help="the config every cell is a delta over")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: a 2-core machine)")
+    p.add_argument("--cmd", default=None,
+                   help=f"the command a run starts with (default: `python -m lightning_clip fit`, or ${CMD_ENV})")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: child processes on this machine (default); slurm: one SLURM job per run "
+                        "through submitit, with the resources of --slurm-config")
+    p.add_argument("--slurm-config", type=Path, default=SLURM_CONFIG,
+                   help="partition, time, nodes and GPUs per run for --executor slurm")
+    p.add_argument("--no-fork", action="store_true",
+                   help="start every run and evaluation as a fresh interpreter (default on Linux: forked from "
+                        "this process after one import of torch, Lightning and the towers)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan with each run's state, run nothing")
+    p.add_argument("--no-report", action="store_true", help="run only; write no tables or plots")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the evaluation suite (eval.json per run: zero-shot, probes, geometry)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = p.parse_args(argv)
+    if any(a.startswith(("--run_dir", "--seed_everything")) for a in extra):
+        p.error("the runner sets --run_dir and --seed_everything of each run itself")
+    args.extra = extra
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.seeds is not None and args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    return args
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _ablations(args) -> list[C.Ablation]:
+    names = args.ablation or [n for n in C.available(args.ablations_dir)
+                              if not C.load_ablation(n, args.ablations_dir).study]
+    if not names:
+        raise SystemExit(f"no ablations under {args.ablations_dir}")
+    ablations = [C.load_ablation(n, args.ablations_dir) for n in names]
+    if not args.quick:
+        return ablations
+    for a in ablations:
+        if not any(c.quick for c in a.cells):
+            print(f"--quick: skipping ablation '{a.name}' (none of its cells is marked '# @quick')")
+    return [a.quick_subset() for a in ablations if any(c.quick for c in a.cells)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for required in [args.base, *([QUICK_CONFIG] if args.quick else [])]:
+        if not Path(required).is_file():
+            raise SystemExit(f"{required} not found: run from the repository root (or pass --base)")
+    runs_dir = args.runs_dir / "quick" if args.quick else args.runs_dir
+    results_dir = args.results_dir / "quick" if args.quick else args.results_dir
+    ablations = _ablations(args)
+    seeds = {a.name: C.seeds_for(a, args.seeds, args.quick) for a in ablations}
+    plans = {a.name: plan_runs(a, seeds[a.name], runs_dir, base=args.base, extra=args.extra,
+                               quick_config=QUICK_CONFIG if args.quick else None,
+                               per_cell_seeds=args.seeds is None and not args.quick) for a in ablations}
+    runs = [r for plan in plans.values() for r in plan]
+    if args.dry_run:
+        for r in runs:
+            print(f"{store.state(r):8s} {r.label:45s} {r.run_dir}")
+        return 0
+
+    counts = {len(v) for v in seeds.values()}
+    seed_text = (f"seeds {next(iter(seeds.values()))}" if len(counts) <= 1 and seeds else
+                 "seeds per ablation " + ", ".join(f"{n}: {len(v)}" for n, v in seeds.items()))
+    print(f"ablate: {', '.join(plans)}; {seed_text}; {len(runs)} runs into {runs_dir}"
+          + (" (quick)" if args.quick else ""), flush=True)
+    prefix = shlex.split(args.cmd) if args.cmd else default_command()
+    stand_in = args.cmd is not None or CMD_ENV in os.environ  # a fake fit command (tests): no evaluation
+    fork = not args.no_fork and args.executor == "local" and not stand_in and forking.available()
+    if fork:
+        forking.preload()
+    local = Local(args.jobs, fork)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # A runner started in the background of a non-interactive shell (`make ablate &`, nohup) inherits
+    # SIGINT as ignored, and Python then keeps it ignored: kill -INT would not stop it. Stopping with
+    # Ctrl-C / SIGINT is this runner's documented way to interrupt, so it always listens.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    stage = "training"
+    try:
+        with store.Lock(runs_dir):
+            for a in ablations:
+                store.write_manifest(a, runs_dir, seeds[a.name])
+            chosen = store.select(runs)
+            progress = Progress(len(chosen.pending), args.jobs)
+            for run, why in chosen.redo:
+                progress.event(f"redo {run.label}: {why} (clearing {run.run_dir})")
+            if chosen.complete:
+                progress.event(f"{chosen.complete} run(s) already complete (stamp {store.STAMP}); "
+                               f"{len(chosen.pending)} to go")
+            if args.executor == "slurm":
+                opts = load_options(args.slurm_config)
+                executor, parallel, poll = Slurm(opts, Path(opts["folder"] or runs_dir / ".submitit")), \
+                    max(1, len(chosen.pending)), opts["poll_s"]
+            else:
+                executor, parallel, poll = local, args.jobs, 0.2
+            failures = run_jobs(training_jobs(chosen.pending, prefix), executor, store.TrainingRuns(runs_dir),
+                                parallel=parallel, progress=progress, poll=poll)
+            if not args.no_eval and not stand_in:  # the suite needs a real run's checkpoint
+                stage = "evaluation"
+                failures += evaluate(runs, local, args.jobs, args.quick)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during {stage}: complete runs keep their stamps; run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+    problems = [str(f) for f in failures]
+    if not args.no_report:
+        from lightning_clip import report
+
+        for name, plan in plans.items():
+            if not plan:
+                continue
+            try:
+                written = report.write_report(name, runs_dir=runs_dir, results_dir=results_dir)
+            except Exception as e:  # a table problem must not hide the run summary below
+                problems.append(f"report of '{name}': {type(e).__name__}: {e}")
+                continue
+            print(f"{name}: wrote " + ", ".join(str(p) for p in written.values()))
+    print(f"finished in {hms(progress.elapsed)}: {progress.ok} run(s) ok, {progress.failed} failed, "
+          f"{progress.copied} copied, {chosen.complete} already complete")
+    if problems:
+        print("failed:\n" + "\n".join("  " + p for p in problems), file=sys.stderr)
+        return 1
+    return 0

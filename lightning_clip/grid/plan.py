@@ -1,0 +1,103 @@
+"""The runs of an ablation: each run's arguments, its fingerprint (what makes two runs equal) and the order
+the runner starts them in.
+
+A run is `python -m lightning_clip fit --config base.yaml --config <cell>.yaml [--config quick.yaml]
+--seed_everything=<k> [data arguments] [extra arguments] --run_dir=<runs>/<ablation>/<cell>/seed_<k>`.
+Its fingerprint hashes the parsed configs, the seed and the arguments, not the run folder: two cells
+with equal configs (the `variance` ablation repeats cells of `losses`) are the same run, computed once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import yaml
+
+from lightning_clip.grid.cells import DEFAULT_SEEDS, Ablation, Cell
+
+BASE_CONFIG = Path("experiments/base.yaml")
+QUICK_CONFIG = Path("experiments/quick.yaml")
+
+
+@dataclasses.dataclass
+class Run:
+    cell: Cell
+    seed: int
+    run_dir: Path
+    args: list[str]          # everything after the command prefix
+    fingerprint: str
+    #: training samples (max_steps x batch size): the runner starts the longest runs first
+    cost: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell.ablation}/{self.cell.name} seed {self.seed}"
+
+
+def _canonical_config(path: Path) -> object:
+    # parsed, so that editing a comment does not invalidate finished runs
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SystemExit(f"{path}: not valid YAML: {e}") from None
+
+
+def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base: Path = BASE_CONFIG,
+              quick_config: Path | None = None, extra: Sequence[str] = (),
+              environ: Mapping[str, str] = os.environ, log=print, per_cell_seeds: bool = False) -> list[Run]:
+    """The runs of one ablation, seed-major (all cells of seed 0 first: an early table covers every cell).
+
+    With ``per_cell_seeds`` a cell runs only the seeds below its own `# @seeds N` (else DEFAULT_SEEDS);
+    without, every cell runs every seed given (`--seeds`, `--quick`). A cell whose `# @data` folder is
+    absent is skipped with a message."""
+    cells = []
+    for cell in ablation.cells:
+        if cell.data_missing(environ):
+            log(f"skipping {ablation.name}/{cell.name}: its shards folder {cell.data_root(environ)} (with train/ "
+                f"and val/) is absent; set {cell.data[0]}=/path/to/shards to run it")
+        else:
+            cells.append(cell)
+    runs = []
+    for seed in seeds:
+        for cell in cells:
+            if per_cell_seeds and seed >= (cell.seeds or DEFAULT_SEEDS):
+                continue
+            run_dir = Path(runs_dir) / ablation.name / cell.name / f"seed_{seed}"
+            paths = [Path(base), cell.path, *([Path(quick_config)] if quick_config else [])]
+            args = [a for p in paths for a in ("--config", str(p))]
+            args.append(f"--seed_everything={seed}")
+            root = cell.data_root(environ)
+            data_args = [f"--data.train_shards={root / 'train'}", f"--data.val_shards={root / 'val'}"] if root else []
+            args += data_args + list(extra) + [f"--run_dir={run_dir}"]
+            identity = {"configs": [_canonical_config(p) for p in paths], "seed": seed,
+                        "args": data_args + list(extra)}
+            fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+            runs.append(Run(cell, seed, run_dir, args, fingerprint, _samples(identity["configs"], extra)))
+    return runs
+
+
+def _samples(configs: Sequence[object], extra: Sequence[str]) -> int:
+    """max_steps x batch_size as the configs (later ones win) and ``--trainer.max_steps=`` /
+    ``--data.batch_size=`` arguments set them; 0 when unknown. Only an ordering key for the runner."""
+    found = {"trainer.max_steps": 0, "data.batch_size": 0}
+    for cfg in configs:
+        for key in found:
+            section, name = key.split(".")
+            value = ((cfg or {}).get(section) or {}).get(name) if isinstance(cfg, dict) else None
+            if isinstance(value, int) and value > 0:
+                found[key] = value
+    for a in extra:
+        key, _, value = a.lstrip("-").partition("=")
+        if key in found and value.isdigit():
+            found[key] = int(value)
+    return found["trainer.max_steps"] * found["data.batch_size"]
+
+
+def longest_first(runs: Sequence[Run]) -> list[Run]:
+    """The runs by decreasing `Run.cost`, plan order among equals (stable): with several jobs, a long run
+    started last would run alone at the end while the other cores idle."""
+    return sorted(runs, key=lambda r: -r.cost)
