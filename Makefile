@@ -49,7 +49,7 @@ eval: install  ## the evaluation suite on a run's checkpoint: make eval RUN=runs
 ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1, EXECUTOR=slurm)
 	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
-convergence: install  ## the convergence study that sets base.yaml's budget (every family at 2x, ~20 min)
+convergence: install  ## the convergence study that sets base.yaml's budget (every family at 3,200 steps; 32 min on 2 cores)
 	$(PY) -m lightning_clip.ablate --ablation convergence --jobs $(JOBS)
 
 test: install  ## the test suite without the slow end-to-end tests (< 5 min)
