@@ -151,9 +151,56 @@ def test_siglip_prior_bias_survives_a_resume():
 
 @pytest.mark.parametrize("bad", ["pior", float("nan"), None, True])
 def test_siglip_bad_init_bias_names_the_option(bad):
-    with pytest.raises(ValueError, match=r"init_bias must be a finite number or 'prior' \(option "
-                                         r"model\.loss_args\.init_bias\)"):
+    with pytest.raises(ValueError, match=r"siglip: init_bias \(option model\.loss_args\.init_bias\) must be a finite "
+                                         r"number or 'prior', got "):
         build_loss("siglip", init_bias=bad)
+
+
+# -- every family's option checks: one wording (family, option, rule, value) ------------------------------
+BAD_OPTIONS = [  # (family, option, bad value, the rule the message states)
+    ("cloob", "hopfield_beta", 0.0, "must be a finite number > 0"),
+    ("cloob", "hopfield_beta", True, "must be a finite number > 0"),
+    ("cyclip", "lambda_in", -1.0, "must be a finite number >= 0"),
+    ("cyclip", "lambda_cross", float("nan"), "must be a finite number >= 0"),
+    ("hn_nce", "alpha", 0, "must be a finite number > 0"),
+    ("hn_nce", "beta", float("inf"), "must be a finite number"),
+    ("hn_nce", "beta", "1", "must be a finite number"),
+    ("pcmepp", "vib_beta", -0.5, "must be a finite number >= 0"),
+    ("probabilistic", "mode", "laplace", "choose one of \\('proposal', 'gaussian'\\)"),
+    ("soft_targets", "mode", "exact", "choose one of"),
+    ("multi_positive", "positives", "labels", "choose one of \\('groups', 'oracle'\\)"),
+    ("nce", "num_negatives", -1, "must be an integer >= 0"),
+    ("nce", "num_negatives", 2.5, "must be an integer >= 0"),
+    ("nce", "num_negatives", "many", "must be an integer >= 0"),
+    ("siglip", "init_bias", float("-inf"), "must be a finite number or 'prior'"),
+    ("infonce", "label_smoothing", 1.0, "must be a finite number >= 0 and < 1"),
+    ("infonce", "label_smoothing", -0.1, "must be a finite number >= 0 and < 1"),
+]
+
+
+@pytest.mark.parametrize("family,option,value,rule", BAD_OPTIONS,
+                         ids=[f"{f}-{o}-{v!r}" for f, o, v, _ in BAD_OPTIONS])
+def test_bad_option_message_names_family_option_rule_and_value(family, option, value, rule):
+    import re
+
+    with pytest.raises(ValueError) as info:
+        build_loss(family, **{option: value})
+    message = str(info.value)
+    assert message.startswith(f"{family}: "), message
+    assert f"(option model.loss_args.{option})" in message, message
+    assert re.search(rule, message), message
+    assert repr(value) in message, message
+
+
+@pytest.mark.parametrize("family,option,value", [
+    ("cloob", "hopfield_beta", 1e-3), ("cyclip", "lambda_in", 0), ("cyclip", "lambda_cross", 0.0),
+    ("hn_nce", "alpha", 1e-6), ("hn_nce", "beta", -2), ("pcmepp", "vib_beta", 0), ("nce", "num_negatives", 0),
+    ("nce", "num_negatives", 4.0), ("siglip", "init_bias", 0), ("siglip", "init_bias", "prior"),
+    ("infonce", "label_smoothing", 0.0), ("infonce", "label_smoothing", 0.999),
+    ("probabilistic", "mode", "gaussian"), ("soft_targets", "mode", "fixed"), ("multi_positive", "positives", "oracle"),
+])
+def test_boundary_option_values_are_accepted(family, option, value):
+    build_loss(family, **{option: value})
 
 
 # -- probabilistic, gaussian_dims ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._options import finite_number
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import split_rows
@@ -35,10 +36,7 @@ from lightning_clip.outputs import Embeddings, LossOutput
 
 
 def _check_beta(hopfield_beta) -> None:
-    if isinstance(hopfield_beta, bool) or not isinstance(hopfield_beta, (int, float)) \
-            or not (0 < hopfield_beta < float("inf")):
-        raise ValueError(f"cloob: hopfield_beta (option model.loss_args.hopfield_beta) must be a finite number "
-                         f"> 0, got {hopfield_beta!r}")
+    finite_number("cloob", "hopfield_beta", hopfield_beta, above=0)
 
 
 def hopfield_retrieval(queries: Tensor, memory: Tensor, beta: float) -> Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._options import finite_number
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import split_rows
@@ -29,10 +30,8 @@ from lightning_clip.outputs import Embeddings, LossOutput
 
 
 def _check_lambdas(lambda_in, lambda_cross) -> None:
-    for name, v in (("lambda_in", lambda_in), ("lambda_cross", lambda_cross)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
-            raise ValueError(f"cyclip: {name} (option model.loss_args.{name}) must be a finite number >= 0, "
-                             f"got {v!r}")
+    finite_number("cyclip", "lambda_in", lambda_in, at_least=0)
+    finite_number("cyclip", "lambda_cross", lambda_cross, at_least=0)
 
 
 @full_precision

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._options import finite_number
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import split_rows
@@ -34,10 +35,8 @@ from lightning_clip.outputs import Embeddings, LossOutput
 
 
 def _check(alpha, beta) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha < float("inf")):
-        raise ValueError(f"hn_nce: alpha (option model.loss_args.alpha) must be a finite number > 0, got {alpha!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
-        raise ValueError(f"hn_nce: beta (option model.loss_args.beta) must be a finite number, got {beta!r}")
+    finite_number("hn_nce", "alpha", alpha, above=0)
+    finite_number("hn_nce", "beta", beta)
 
 
 def _hard_negative_rows(z: Tensor, labels: Tensor, alpha: float, beta: float) -> Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._options import finite_number
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import is_distributed, split_rows
@@ -61,8 +62,7 @@ class InfoNCELoss(ContrastiveLoss):
     def __init__(self, init_scale: float = 1 / 0.07, learn_scale: bool = True, label_smoothing: float = 0.0,
                  chunk_size: Optional[int] = None):
         super().__init__(init_scale=init_scale, learn_scale=learn_scale)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        finite_number("infonce", "label_smoothing", label_smoothing, at_least=0, below=1)
         self.label_smoothing = label_smoothing
         self.chunk_size = chunk_size
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._options import choice
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import gather, is_distributed, split_rows
@@ -130,9 +131,7 @@ class MultiPositiveLoss(ContrastiveLoss):
     needs = frozenset({"groups"})
 
     def __init__(self, init_scale: float = 1 / 0.07, learn_scale: bool = True, positives: str = "groups"):
-        if positives not in POSITIVES:
-            raise ValueError(f"multi_positive: unknown positives {positives!r} (option model.loss_args.positives); "
-                             f"choose one of {POSITIVES}")
+        choice("multi_positive", "positives", positives, POSITIVES)
         super().__init__(init_scale=init_scale, learn_scale=learn_scale)
         self.positives = positives
         self.needs = frozenset({"relevance"}) if positives == "oracle" else frozenset({"groups"})

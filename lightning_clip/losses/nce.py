@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._options import integer
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import split_rows
@@ -42,9 +43,7 @@ def sample_negatives(n: int, k: int, generator: Optional[torch.Generator] = None
 
 
 def _num_negatives(k) -> int:
-    if int(k) != k or k < 0:
-        raise ValueError(f"nce: num_negatives must be a non-negative integer, got {k!r}")
-    return int(k)
+    return integer("nce", "num_negatives", k, at_least=0)
 
 
 def _binary_rows(anchor: Tensor, paired: Tensor, keys: Tensor, negatives: Tensor, scale, bias) -> Tensor:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_clip.losses._inputs import _require_finite, check_pair, full_precision, normalize
+from lightning_clip.losses._options import finite_number
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import gather, split_rows
@@ -108,9 +109,7 @@ class PCMEPPLoss(ContrastiveLoss):
     def __init__(self, init_a: float = 5.0, init_b: float = 5.0, learn_ab: bool = True, vib_beta: float = 0.0,
                  normalize: bool = True):
         super().__init__()
-        if isinstance(vib_beta, bool) or not isinstance(vib_beta, (int, float)) or not 0 <= vib_beta < float("inf"):
-            raise ValueError(f"pcmepp: vib_beta (option model.loss_args.vib_beta) must be a finite number >= 0, "
-                             f"got {vib_beta!r}")
+        finite_number("pcmepp", "vib_beta", vib_beta, at_least=0)
         self.a = torch.nn.Parameter(torch.tensor(float(init_a)), requires_grad=learn_ab)
         self.b = torch.nn.Parameter(torch.tensor(float(init_b)), requires_grad=learn_ab)
         self.vib_beta = float(vib_beta)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._options import choice, finite_number
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import gather, split_rows
@@ -55,9 +56,7 @@ LN_STD_MIN, LN_STD_MAX = -5.0, 5.0
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"probabilistic: unknown mode {mode!r} (option model.loss_args.mode when training); "
-                         f"choose one of {MODES}")
+    choice("probabilistic", "mode", mode, MODES)
 
 
 def _check_dims(gaussian_dims, mode: str) -> None:
@@ -66,10 +65,8 @@ def _check_dims(gaussian_dims, mode: str) -> None:
     if mode != "gaussian":
         raise ValueError(f"probabilistic: gaussian_dims={gaussian_dims!r} (option model.loss_args.gaussian_dims) "
                          f"applies only to mode='gaussian', got mode={mode!r}")
-    if isinstance(gaussian_dims, bool) or not isinstance(gaussian_dims, (int, float)) \
-            or not (gaussian_dims >= 0 and gaussian_dims < float("inf")):
-        raise ValueError(f"probabilistic: gaussian_dims (option model.loss_args.gaussian_dims) must be a finite "
-                         f"number >= 0 or None (the embedding width), got {gaussian_dims!r}")
+    finite_number("probabilistic", "gaussian_dims", gaussian_dims, at_least=0,
+                  alternatives=" or None (the embedding width)")
 
 
 def retrieval_inputs(image: Tensor, text: Tensor, image_ln_std: Optional[Tensor],

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._options import finite_number
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import is_distributed, split_rows, world_size
@@ -64,10 +65,8 @@ class SigLIPLoss(ContrastiveLoss):
     def __init__(self, init_scale: float = 10.0, learn_scale: bool = True,
                  init_bias: Union[float, str] = -10.0, learn_bias: bool = True, chunk_size: Optional[int] = None):
         prior = init_bias == "prior"
-        if not prior and (isinstance(init_bias, (str, bool)) or not isinstance(init_bias, (int, float))
-                          or not math.isfinite(init_bias)):
-            raise ValueError(f"siglip: init_bias must be a finite number or 'prior' (option "
-                             f"model.loss_args.init_bias), got {init_bias!r}")
+        if not prior:
+            finite_number("siglip", "init_bias", init_bias, alternatives=" or 'prior'")
         # "prior": -10 until the first training forward replaces it with -ln N
         super().__init__(init_scale=init_scale, learn_scale=learn_scale, init_bias=-10.0 if prior else init_bias,
                          learn_bias=learn_bias)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._options import choice
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import split_rows
@@ -50,9 +51,7 @@ MODES = ("tutorial", "fixed")
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"soft_targets: unknown mode {mode!r} (option model.loss_args.mode when training); "
-                         f"choose one of {MODES}")
+    choice("soft_targets", "mode", mode, MODES)
 
 
 def _soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
