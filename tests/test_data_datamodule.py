@@ -97,6 +97,24 @@ def test_training_epochs_have_fixed_length_and_differ(world):
     assert [k for b in again for k in b["meta"]["key"]] == e1   # same seed, same stream
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_restored_position_continues_the_uninterrupted_stream(world, workers):
+    # 6 batches per epoch; a checkpoint's (epoch, batches trained) resumes mid-epoch, and one saved at an
+    # epoch's end continues with the next epoch
+    def keys(state=None, epochs=3):
+        dm = _dm(world, epoch_length=48, batch_size=8, num_workers=workers)
+        dm.load_state_dict(state or {})
+        loader = dm.train_dataloader()
+        return [tuple(b["meta"]["key"]) for _ in range(epochs) for b in loader]
+
+    full = keys()
+    assert len(full) == 18 and len(set(full)) == 18
+    for epoch, batches in ((0, 3), (1, 1), (0, 6)):
+        resumed = keys({"train_epoch": epoch, "train_batches": batches}, epochs=2)
+        start = epoch * 6 + batches
+        assert resumed == full[start:start + len(resumed)] and len(resumed) == 12 - (batches % 6), (epoch, batches)
+
+
 def test_caption_batching_repeats_images_with_shared_groups(world):
     dm = _dm(world, batching="caption", batch_size=10)
     b = next(iter(dm.train_dataloader()))
@@ -296,11 +314,11 @@ def _stream(dm, epochs: int) -> list[dict]:
 
 
 def test_record_cache_gives_the_same_batches_and_skips_decoding(world, monkeypatch):
-    from lightning_clip.data import datamodule
+    from lightning_clip.data import stream
 
     reads = []
-    real = datamodule.iter_records
-    monkeypatch.setattr(datamodule, "iter_records", lambda shard, on_bad: reads.append(shard) or real(shard, on_bad))
+    real = stream.iter_records
+    monkeypatch.setattr(stream, "iter_records", lambda shard, on_bad: reads.append(shard) or real(shard, on_bad))
     plain = _stream(_dm(world, epoch_length=40), 4)
     uncached_reads, reads[:] = len(reads), []
     dm = _dm(world, epoch_length=40, cache_records=1000)
@@ -337,7 +355,7 @@ def test_record_cache_keeps_no_shard_with_a_bad_sample_nor_more_than_its_room(ba
 
 
 def test_small_tensors_leave_the_worker_by_value_and_arrive_as_the_same_tensors(world):
-    from lightning_clip.data.datamodule import _Inline, _pack
+    from lightning_clip.data.loader import _Inline, _pack
 
     in_process = list(_dm(world, num_workers=0).val_dataloader())
     from_worker = list(_dm(world, num_workers=1).val_dataloader())
@@ -358,7 +376,7 @@ def test_small_tensors_leave_the_worker_by_value_and_arrive_as_the_same_tensors(
 
 
 def test_prefetch_thread_stops_mid_epoch_and_reraises_loader_errors():
-    from lightning_clip.data.datamodule import _ThreadedIterator
+    from lightning_clip.data.loader import _ThreadedIterator
 
     def boom():
         yield 1
@@ -383,7 +401,7 @@ def test_training_stream_with_no_sample_fails_naming_the_shards(tmp_path, tok):
     d.mkdir()
     _write(d / "e-000000.tar", {})
     _write(d / "e-000001.tar", {"k0": BAD["undecodable"][0], "k1": BAD["nocaption"][0]})
-    from lightning_clip.data.datamodule import EmptyStreamError
+    from lightning_clip.data.stream import EmptyStreamError
 
     dm = ClipDataModule(str(d), str(d), batch_size=2, num_workers=0, epoch_length=4, tokenizer=tok)
     dm.setup("fit")
@@ -396,7 +414,7 @@ def test_prefetch_thread_wait_ends_when_the_trainer_got_sigterm():
     import threading
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
-    from lightning_clip.data.datamodule import _ThreadedIterator
+    from lightning_clip.data.loader import _ThreadedIterator
 
     never = threading.Event()
 
@@ -413,7 +431,7 @@ def test_prefetch_thread_wait_ends_when_the_trainer_got_sigterm():
 
 
 def test_validation_set_with_no_sample_fails_naming_the_shards(tmp_path, world, tok):
-    from lightning_clip.data.datamodule import EmptyStreamError
+    from lightning_clip.data.stream import EmptyStreamError
 
     d = tmp_path / "emptyval"
     d.mkdir()
@@ -483,7 +501,7 @@ def test_a_corrupt_header_counts_the_samples_after_it(tmp_path, tok):
 
 
 def test_caption_filters_that_allow_no_caption_fail_instead_of_spinning(tmp_path, tok):
-    from lightning_clip.data.datamodule import EmptyStreamError
+    from lightning_clip.data.stream import EmptyStreamError
 
     meta = {"all_captions": ["a red thing"], "captions": [{"level": 1, "constraints": {"objects": [{"color": "red"}]}}],
             "scene": {"objects": []}}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_clip.data import ClipDataModule, synthetic as syn
-from lightning_clip.data.datamodule import collate
+from lightning_clip.data.batching import collate
 from lightning_clip.data.shards import Record, SkipPolicy, iter_records
 from lightning_clip.data.synthetic import synthetic_tokenizer
 from _data_helpers import small_dm

@@ -126,7 +126,7 @@ class Record:
     scene: Optional[dict] = None
     caption_info: Optional[list[dict]] = None  # per caption: level, constraints (synthetic only)
     #: (the scene's, each caption's) object bitsets for the relevance oracle, made on a batch's first use of
-    #: the record (`lightning_clip.data.datamodule.oracle_bits`): a cached record's repeat costs none of it
+    #: the record (`lightning_clip.data.batching.oracle_bits`): a cached record's repeat costs none of it
     oracle_bits: Optional[tuple] = field(default=None, repr=False, compare=False)
 
 
