@@ -181,11 +181,11 @@ def bench_tar(root: Path) -> None:
     """Reading every member of the training shards: the loader's own header reader against tarfile."""
     import io
 
-    from lightning_clip.data.shards import _fast_tar, _tarfile_members
+    from lightning_clip.data.tar import fast_tar, tarfile_members
 
     raw = [f.read_bytes() for f in sorted((root / "train").glob("*.tar"))]  # from memory: no disk in the timing
     times = {}
-    for name, read in (("tarfile", _tarfile_members), ("own reader", _fast_tar)):
+    for name, read in (("tarfile", tarfile_members), ("own reader", fast_tar)):
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()

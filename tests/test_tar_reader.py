@@ -1,4 +1,4 @@
-"""The loader's own tar reader (`shards._fast_tar`) against Python's tarfile, on every archive shape a
+"""The loader's own tar reader (`tar.fast_tar`) against Python's tarfile, on every archive shape a
 shard can have: what it reads itself must equal tarfile, what it cannot read it hands over, and damage
 is an error, never a silently shorter shard."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from lightning_clip.data import shards as S
+from lightning_clip.data import tar as T
 
 
 def _tar(members, fmt=tarfile.PAX_FORMAT, mtime=0, extra=None) -> bytes:
@@ -28,12 +28,12 @@ SAMPLES = [(f"{k:09d}.{ext}", f"{k}-{ext}".encode() * (k + 1) * 37) for k in ran
 
 
 def _reference(raw: bytes):
-    return list(S._tarfile_members(io.BytesIO(raw)))
+    return list(T.tarfile_members(io.BytesIO(raw)))
 
 
 def _fast_only(raw: bytes):
     """The fast reader alone: fails the test if it hands anything over."""
-    return list(S._fast_tar(io.BytesIO(raw)))
+    return list(T.fast_tar(io.BytesIO(raw)))
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
@@ -74,9 +74,9 @@ def test_what_it_cannot_read_is_handed_to_tarfile(case):
         link = tarfile.TarInfo("l" * 120)  # a long link name: a pax header in front of the symlink
         link.type, link.linkname = tarfile.SYMTYPE, "t" * 120
         raw = _tar(SAMPLES[:6], extra=(SAMPLES[2][0], link))
-    with pytest.raises(S._HandOver):
+    with pytest.raises(T.HandOver):
         _fast_only(raw)
-    assert list(S._members(io.BytesIO(raw))) == _reference(raw)
+    assert list(T.members(io.BytesIO(raw))) == _reference(raw)
 
 
 def test_truncation_and_damage_are_errors_with_the_samples_before_kept():
@@ -85,13 +85,13 @@ def test_truncation_and_damage_are_errors_with_the_samples_before_kept():
     cut = raw[:headers[8] + 512 + 10]  # inside the ninth member's data
     got = []
     with pytest.raises(tarfile.TarError, match="unexpected end of data|truncated header"):
-        for m in S._fast_tar(io.BytesIO(cut)):
+        for m in T.fast_tar(io.BytesIO(cut)):
             got.append(m)
     assert len(got) == 8 and got == SAMPLES[:8]
     damaged = bytearray(raw)
     damaged[headers[1] + 3] ^= 0xFF  # a byte of the second member's name
     with pytest.raises(tarfile.HeaderError, match="checksum"):
-        list(S._fast_tar(io.BytesIO(bytes(damaged))))
+        list(T.fast_tar(io.BytesIO(bytes(damaged))))
 
 
 def test_a_real_shard_reads_the_same_both_ways(tmp_path):

@@ -32,9 +32,10 @@ from torchvision.io import decode_image as tv_decode
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lightning_clip.data.synthetic import stable_id
+from lightning_clip.data.tar import content_size, members, names_after
 
 try:  # a declared dependency; the fallback keeps a hand-made environment working
-    from orjson import loads as _json_loads  # ~8 us for a synthetic KEY.json against ~50 us in json
+    from orjson import loads as _json_loads  # several times faster than json on a KEY.json
 except ImportError:  # pragma: no cover
     _json_loads = json.loads
 
@@ -130,124 +131,6 @@ class Record:
     oracle_bits: Optional[tuple] = field(default=None, repr=False, compare=False)
 
 
-class _Prepended:
-    """A stream with some bytes already read from it put back in front (for handing over to tarfile)."""
-
-    def __init__(self, head: bytes, stream):
-        self._head, self._stream = head, stream
-
-    def read(self, n: int = -1) -> bytes:
-        if not self._head:
-            return self._stream.read(n)
-        if n is None or n < 0:
-            out, self._head = self._head + self._stream.read(), b""
-            return out
-        out, self._head = self._head[:n], self._head[n:]
-        return out + (self._stream.read(n - len(out)) if len(out) < n else b"")
-
-
-class _HandOver(Exception):
-    """The archive uses a feature the fast reader leaves to tarfile; ``head`` is what was read of it."""
-
-    def __init__(self, head: bytes):
-        self.head = head
-
-
-def _octal(field: bytes, what: str) -> int:
-    digits = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(digits or b"0", 8)
-    except ValueError:
-        raise tarfile.HeaderError(f"invalid {what} field {field!r}") from None
-
-
-def _pax_records(data: bytes) -> dict[str, bytes]:
-    """``"%d %s=%s\\n"`` records of a POSIX pax extended header."""
-    out, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        out[key.decode("utf-8", "replace")] = value
-        pos += length
-    return out
-
-
-_REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file (tarfile: isreg)
-
-
-def _fast_tar(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in an uncompressed ustar/pax archive, header by header.
-
-    Python's `tarfile` spends ~19 us of Python on every member (three per sample) where this reader spends
-    ~4 (`benchmarks/data_throughput.py`, shards read from memory). This reads the 512-byte headers
-    directly, validates their checksums, and understands what webdataset/img2dataset writers produce
-    (plain ustar members, pax ``x`` headers carrying ``path``/``size``). Anything else (compression, GNU
-    long names, global pax headers, base-256 sizes, pre-POSIX archives) raises `_HandOver` with the bytes
-    read of the current header, so `_tar_members` hands the rest of the archive to tarfile."""
-    pending: dict[str, bytes] = {}
-    pending_raw = b""  # the pax header block(s) in front of the next member, in case it is handed over
-    first = True
-    while True:
-        header = stream.read(512)
-        if first and (len(header) < 512 or header[257:262] != b"ustar"):
-            raise _HandOver(header)  # compressed, empty, or a pre-POSIX tar: tarfile decides
-        if not header or header == b"\0" * 512:
-            if pending:
-                raise tarfile.ReadError("archive ends after a pax header")
-            return  # end of archive (or of a stream without its end blocks, which tarfile accepts too)
-        if len(header) < 512:
-            raise tarfile.ReadError(f"truncated header ({len(header)} of 512 bytes)")
-        if header[257:262] != b"ustar":
-            raise tarfile.HeaderError("bad magic in a member header")
-        first = False
-        stored = _octal(header[148:156], "checksum")
-        if stored != sum(header) - sum(header[148:156]) + 8 * 32:
-            raise tarfile.HeaderError("bad checksum in a member header")
-        kind = header[156:157]
-        if kind not in _REGULAR + (b"x", b"5") or header[124] & 0x80:
-            # links, GNU long names, global pax headers, sparse files, base-256 sizes (over 8 GiB)
-            raise _HandOver(pending_raw + header)
-        size = _octal(header[124:136], "size")
-        if "size" in pending:
-            size = int(pending["size"])
-        data = stream.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError(f"unexpected end of data ({len(data)} of {size} bytes)")
-        padding = stream.read(-size % 512)
-        if len(padding) < -size % 512:  # tarfile counts a member without its block padding as truncated
-            raise tarfile.ReadError("unexpected end of data (in a member's block padding)")
-        if kind == b"x":
-            pending = _pax_records(data)
-            pending_raw = header + data + padding
-            continue
-        if "path" in pending:
-            name = pending["path"].decode("utf-8", "surrogateescape")
-        else:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:265] == b"ustar\x0000" else b""
-            if prefix:
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-        pending, pending_raw = {}, b""
-        if kind != b"5":
-            yield name, data
-
-
-def _tarfile_members(stream) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            if info.isreg():
-                yield info.name, tar.extractfile(info).read()
-
-
-def _members(stream) -> Iterator[tuple[str, bytes]]:
-    """Regular files of a tar stream: the fast reader while it can, then tarfile for the rest."""
-    try:
-        yield from _fast_tar(stream)
-    except _HandOver as h:
-        yield from _tarfile_members(_Prepended(h.head, stream))
-
-
 def _tell(stream) -> Optional[int]:
     try:
         return stream.tell()
@@ -256,36 +139,10 @@ def _tell(stream) -> Optional[int]:
 
 
 def _keys_after(shard: str, start: int) -> set[str]:
-    """Keys of the member headers found in a local ``shard`` from byte ``start`` on (checksums valid, at
-    512-byte boundaries): the samples a corrupt header in the middle cut off from the reader."""
-    keys: set[str] = set()
-    try:
-        with open(shard.removeprefix("file://"), "rb") as f:
-            f.seek(-(-start // 512) * 512)
-            while True:
-                chunk = f.read(1 << 20)  # a multiple of 512: block boundaries stay aligned
-                if not chunk:
-                    return keys
-                pos = chunk.find(b"ustar", 257)
-                while pos != -1:
-                    if pos % 512 == 257:
-                        h = chunk[pos - 257:pos - 257 + 512]
-                        if len(h) == 512 and _octal(h[148:156], "checksum") == sum(h) - sum(h[148:156]) + 256:
-                            m = _KEY_EXT.match(h[:100].split(b"\0", 1)[0].decode("utf-8", "replace"))
-                            if m and h[156:157] in _REGULAR:
-                                keys.add(m.group(1))
-                    pos = chunk.find(b"ustar", pos + 1)
-    except (OSError, tarfile.TarError):
-        return keys
-
-
-def _content_size(path: Path) -> int:
-    """Bytes of a tar up to its end-of-archive blocks and record padding (zeros), in 512-byte blocks."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        f.seek(max(0, size - 12 * 1024))  # end blocks (1 KiB) plus at most one 10 KiB record of padding
-        tail = f.read()
-    return -(-(size - (len(tail) - len(tail.rstrip(b"\0")))) // 512) * 512
+    """Keys of the samples whose member headers a local ``shard`` still holds from byte ``start`` on:
+    the samples a corrupt header in the middle cut off from the reader."""
+    names = names_after(shard.removeprefix("file://"), start)
+    return {m.group(1) for m in map(_KEY_EXT.match, names) if m}
 
 
 def _missing_tail(shard: str, size: int, complete: int, complete_bytes: int) -> int:
@@ -306,7 +163,7 @@ def _median_sibling_size(path: str) -> Optional[int]:
     damaged shard (drawn with replacement) and would otherwise stat and read every sibling each time."""
     here = Path(path)
     try:
-        sizes = sorted(_content_size(p) for p in here.parent.glob("*.tar") if p != here)
+        sizes = sorted(content_size(p) for p in here.parent.glob("*.tar") if p != here)
     except OSError:
         return None
     return sizes[len(sizes) // 2] if sizes else None
@@ -321,7 +178,7 @@ def _tar_members(shard: str, on_bad: SkipPolicy) -> Iterator[tuple[str, dict[str
     try:
         with _open(shard) as stream:
             try:
-                for name, data in _members(stream):
+                for name, data in members(stream):
                     last = name
                     m = _KEY_EXT.match(name)
                     if m is None:
@@ -445,9 +302,10 @@ def decode(shard: str, key: str, files: dict[str, bytes], on_bad: SkipPolicy) ->
 def decode_image(raw: bytes) -> torch.Tensor:
     """Encoded image -> uint8 RGB tensor ``[3, H, W]``; raises on corrupt or truncated data.
 
-    torchvision's libjpeg-turbo/libpng decoders go straight to a tensor: 0.050 ms for a 64 px JPEG against
-    0.118 ms through PIL plus the PIL-to-tensor copy, same pixels (benchmarks/data_throughput.py). Formats or files it rejects get a
-    second chance through PIL, so PIL's error is the one reported for a corrupt file."""
+    torchvision's libjpeg-turbo/libpng decoders go straight to a tensor, faster than PIL plus the
+    PIL-to-tensor copy and with the same pixels (benchmarks/data_throughput.py compares them). Formats or
+    files it rejects get a second chance through PIL, so PIL's error is the one reported for a corrupt
+    file."""
     try:
         return tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
