@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lightning_clip.data import ClipDataModule, synthetic as syn  # noqa: E402
+from lightning_clip.data import ClipDataModule, oracle, synthetic as syn  # noqa: E402
 
 
 def bench_generation(out: Path, n: int) -> float:
@@ -99,14 +99,14 @@ def bench_relevance(root: Path) -> float:
     times = []
     for _ in range(5):  # best of 5, as timeit does: the machine may be shared
         t0 = time.perf_counter()
-        r = syn.relevance_matrix(caps, scenes)
+        r = oracle.relevance_matrix(caps, scenes)
         times.append(time.perf_counter() - t0)
     dt = min(times)
     print(f"relevance_matrix {tuple(r.shape)}: {dt * 1000:.0f} ms best of 5, {sorted(times)[2] * 1000:.0f} ms median "
           f"(mean relevance {r.float().mean():.3f})")
     # a training batch's matrix (64 captions x their 64 images), made in the loader worker for every batch
     batch_caps, batch_scenes = caps[:320:5], scenes[:64]
-    best = min(_timed(lambda: syn.relevance_matrix(batch_caps, batch_scenes), 50) for _ in range(5))
+    best = min(_timed(lambda: oracle.relevance_matrix(batch_caps, batch_scenes), 50) for _ in range(5))
     print(f"relevance_matrix (64, 64), one training batch: {best * 1000:.2f} ms best of 5 x 50")
     return dt
 

@@ -17,7 +17,8 @@ from lightning_clip.callbacks import (ResultsCallback, RetrievalCallback, Temper
                                       default_callbacks)
 from lightning_clip.callbacks.results import flatten_hparams
 from lightning_clip.eval.calibration import recall_at_1_by_bin, spearman
-from lightning_clip.data.synthetic import relevance_matrix, sample_caption, sample_scene
+from lightning_clip.data.oracle import relevance_matrix
+from lightning_clip.data.synthetic import sample_caption, sample_scene
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.infonce import InfoNCELoss
 from lightning_clip.eval.retrieval import oracle_ceiling, retrieval_metrics

@@ -11,7 +11,7 @@ import pytest
 import torch
 from webdataset import TarWriter
 
-from lightning_clip.data import ClipDataModule, synthetic as syn
+from lightning_clip.data import ClipDataModule, oracle, synthetic as syn
 from lightning_clip.data.shards import BadSampleError, DataWarning, expand_shards
 from _data_helpers import small_dm
 
@@ -54,7 +54,7 @@ def test_batch_follows_the_contract(world):
         assert m[name].shape == (8,) and m[name].dtype == torch.long
     assert all(1 <= s <= 4 for s in m["specificity"].tolist())
     for c, s, n, cap in zip(m["constraints"], m["scene"], m["num_objects"].tolist(), m["caption"]):
-        assert syn.matches(c, s) and n == len(s["objects"])
+        assert oracle.matches(c, s) and n == len(s["objects"])
     # the tokens are the caption's words, one token each, between [CLS] and [SEP]
     words = m["caption"][0].replace(",", " , ").split()
     ids = b["input_ids"][0][b["attention_mask"][0].bool()].tolist()

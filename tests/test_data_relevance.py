@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_clip.data import ClipDataModule, synthetic as syn
+from lightning_clip.data import ClipDataModule, oracle, synthetic as syn
 from lightning_clip.data.batching import collate
 from lightning_clip.data.shards import Record, SkipPolicy, iter_records
 from lightning_clip.data.synthetic import synthetic_tokenizer
@@ -78,7 +78,7 @@ def test_a_record_keeps_its_oracle_bits_and_repeats_give_the_same_matrix():
     assert collate(items, synthetic_tokenizer(), 8)["meta"]["relevance"][:, [0, 2]].all()
     a.oracle_bits = None
     again = collate(items, synthetic_tokenizer(), 8, ground_truth=True)["meta"]
-    loop = torch.tensor([[syn.matches(c, s) for c in first["constraints"]] for s in first["scene"]])
+    loop = torch.tensor([[oracle.matches(c, s) for c in first["constraints"]] for s in first["scene"]])
     assert torch.equal(first["relevance"], loop) and torch.equal(again["relevance"], loop)
     assert not loop.all()  # the hand-built batch has irrelevant pairs: the check could fail
 
@@ -107,7 +107,7 @@ def test_training_and_validation_batches_carry_the_oracle_matrix(world, batching
     # against the brute-force oracle on validation batches, which keep the dicts
     for b in dm.val_dataloader():
         m = b["meta"]
-        loop = torch.tensor([[syn.matches(c, s) for c in m["constraints"]] for s in m["scene"]])
+        loop = torch.tensor([[oracle.matches(c, s) for c in m["constraints"]] for s in m["scene"]])
         assert torch.equal(m["relevance"], loop)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_clip.data import synthetic as syn
+from lightning_clip.data import oracle, synthetic as syn
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -65,17 +65,17 @@ SCENE = {"objects": [
 ])
 def test_oracle_on_hand_made_scene(objects, expected):
     c = {"objects": objects}
-    assert syn.matches(c, SCENE) is expected
-    assert bool(syn.relevance_matrix([c], [SCENE])[0, 0]) is expected
+    assert oracle.matches(c, SCENE) is expected
+    assert bool(oracle.relevance_matrix([c], [SCENE])[0, 0]) is expected
 
 
 def test_oracle_rejects_unknown_values_and_missing_ground_truth():
     with pytest.raises(ValueError, match="unknown color 'mauve'"):
-        syn.matches({"objects": [{"color": "mauve"}]}, SCENE)
+        oracle.matches({"objects": [{"color": "mauve"}]}, SCENE)
     with pytest.raises(ValueError, match="unknown color 'mauve'"):
-        syn.relevance_matrix([{"objects": [{"color": "mauve"}]}], [SCENE])
+        oracle.relevance_matrix([{"objects": [{"color": "mauve"}]}], [SCENE])
     with pytest.raises(ValueError, match="real data"):
-        syn.matches(None, SCENE)
+        oracle.matches(None, SCENE)
 
 
 def test_relevance_matrix_equals_matches_loop():
@@ -83,8 +83,8 @@ def test_relevance_matrix_equals_matches_loop():
     scenes = [syn.sample_scene(rng) for _ in range(120)] + [SCENE, {"objects": []}]
     caps = [syn.sample_caption(scenes[i % 120], rng)["constraints"] for i in range(150)]
     caps += [{"objects": [{"shape": "circle"}, {"shape": "circle"}]}, {"objects": []}]
-    m = syn.relevance_matrix(caps, scenes, chunk=37)  # a chunk that does not divide the rows
-    loop = torch.tensor([[syn.matches(c, s) for s in scenes] for c in caps])
+    m = oracle.relevance_matrix(caps, scenes, chunk=37)  # a chunk that does not divide the rows
+    loop = torch.tensor([[oracle.matches(c, s) for s in scenes] for c in caps])
     assert m.dtype == torch.bool and m.shape == (len(caps), len(scenes))
     assert torch.equal(m, loop)
     assert m[torch.arange(150), torch.arange(150) % 120].all()  # a caption matches its own image
@@ -103,7 +103,7 @@ def test_captions_follow_their_level():
             assert tuple(sorted(d)) in {tuple(sorted(a)) for a in syn.LEVEL_ATTRIBUTES[c["level"]]}
             for v in d.values():
                 assert v in c["text"] or v in ("small", "large")  # sizes have synonyms
-        assert syn.matches(c["constraints"], scene)
+        assert oracle.matches(c["constraints"], scene)
         assert set(c["text"].replace(",", " ").split()) <= set(syn.vocabulary())
     assert seen_levels == {1, 2, 3, 4} and conj > 30
 

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from lightning_clip.data.shards import Record
-from lightning_clip.data.synthetic import object_bits, relevance_from_bits
+from lightning_clip.data.oracle import object_bits, relevance_from_bits
 from lightning_clip.models.tokenizer import CaptionEncoder
 
 
@@ -72,7 +72,7 @@ def collate(items: list[tuple[Record, int, torch.Tensor]], tokenizer, max_length
 
 def oracle_bits(r: Record) -> tuple[list[int], list[list[int]]]:
     """``r``'s scene and each of its captions' constraints as the oracle's object bitsets
-    (`lightning_clip.data.synthetic.relevance_from_bits`), computed once per record and kept on it: the
+    (`lightning_clip.data.oracle.relevance_from_bits`), computed once per record and kept on it: the
     per-object Python is most of a batch's relevance matrix, and a record recurs in many batches."""
     if r.oracle_bits is None:
         r.oracle_bits = (object_bits(r.scene, "scene"),

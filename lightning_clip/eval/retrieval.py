@@ -74,7 +74,7 @@ def oracle_relevance(constraints: Optional[Sequence[Optional[dict]]],
     constraints and each image's scene; None unless every item has them (real data has none)."""
     if constraints is None or scenes is None or any(c is None for c in constraints) or any(s is None for s in scenes):
         return None
-    from lightning_clip.data.synthetic import relevance_matrix
+    from lightning_clip.data.oracle import relevance_matrix
 
     return relevance_matrix(constraints, scenes)
 
