@@ -371,18 +371,42 @@ def test_tiny_fit_writes_tags_json_and_hparams(tmp_path, variance):
     assert hparams is not None and hparams["loss"] == final["loss_family"]
 
 
-# -- the project's own module and data, once both exist ---------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("loss", ["infonce", "probabilistic", "pcmepp", "filip"])
-def test_clip_module_fit_logs_callback_tags(tmp_path, loss, monkeypatch):
-    pytest.importorskip("lightning_clip.module", reason="ClipModule not available")
-    cli = pytest.importorskip("lightning_clip.cli", reason="ClipModule not available")
+# -- every registered family through the callbacks ----------------------------------------------------------
+#: the families the slow fit below drives end to end: plain, variance heads, variance with a and b as scale
+#: and bias, token-wise similarity. A renamed or dropped family fails here instead of skipping the fit.
+FIT_FAMILIES = ("infonce", "probabilistic", "pcmepp", "filip")
+
+
+def test_the_families_of_the_fit_test_are_registered():
     from lightning_clip.losses import LOSSES
 
-    if loss not in LOSSES:
-        pytest.skip(f"loss family {loss!r} is not registered yet (registered: {sorted(LOSSES)})")
-    from lightning_clip.data.synthetic import generate
+    missing = set(FIT_FAMILIES) - set(LOSSES)
+    assert not missing, f"families the callback fit covers are not registered: {missing} (registered: {sorted(LOSSES)})"
 
+
+def test_every_registered_family_gets_its_temperature_and_variance_logged():
+    from lightning_clip.losses import LOSSES, build_loss
+
+    assert len(LOSSES) >= 10  # the ablation's families, not an empty registry
+    for name in sorted(LOSSES):
+        loss = build_loss(name)
+        module = FakeModule(loss)
+        TemperatureCallback().on_train_batch_end(fake_trainer(), module, None, None, 0)
+        values = loss.scalars()
+        want = {f"temperature/{k}": float(values[k]) for k in ("scale", "log_scale", "bias") if k in values}
+        assert module.logged == pytest.approx(want), name
+        # the variance callback is on exactly for the families with variance heads
+        assert VarianceCallback.applies_to(module) == bool({"image_ln_std", "text_ln_std"} & loss.needs), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", FIT_FAMILIES)
+def test_clip_module_fit_logs_callback_tags(tmp_path, loss, monkeypatch):
+    from lightning_clip import cli
+    from lightning_clip.data.synthetic import generate
+    from lightning_clip.losses import build_loss
+
+    family = build_loss(loss)  # an unknown name is an error here, not a skip
     shards = generate(tmp_path / "data", num_train=64, num_val=16, image_size=32, num_captions=2)
     run = tmp_path / "run"
     monkeypatch.setattr("sys.argv", ["lightning-clip"])  # LightningCLI warns when pytest's argv is also there
@@ -397,10 +421,9 @@ def test_clip_module_fit_logs_callback_tags(tmp_path, loss, monkeypatch):
     assert {"val/i2t/R@1", "val/t2i/R@5", "val/semantic/t2i/R@1"} <= scalars
     # families without a learned scale (probabilistic: the variance sets the sharpness) log none; pcmepp
     # logs its a and b as scale and bias
-    from lightning_clip.losses import build_loss
-    assert ("temperature/scale" in scalars) == ("scale" in build_loss(loss).scalars())
+    assert ("temperature/scale" in scalars) == ("scale" in family.scalars())
     has_variance = any(t.startswith("variance/") for t in scalars | histograms)
-    assert has_variance == (loss in ("probabilistic", "pcmepp"))
+    assert has_variance == bool({"image_ln_std", "text_ln_std"} & family.needs)
     if has_variance:
         assert "variance/text/spearman_specificity" in scalars and "variance/text/ln_std" in histograms
     final = json.loads((run / "final_metrics.json").read_text())

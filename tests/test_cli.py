@@ -13,9 +13,17 @@ from lightning_clip.losses import build_loss
 from lightning_clip.module import ClipModule
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "experiments" / "base.yaml"
-# experiments/executors/ holds the ablation runner's executor options, not training configs
-CELLS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p != BASE and "executors" not in p.parts)
+EXPERIMENTS = REPO / "experiments"
+BASE = EXPERIMENTS / "base.yaml"
+QUICK = EXPERIMENTS / "quick.yaml"
+#: whole-run configs, each given over base.yaml
+OVERLAYS = [EXPERIMENTS / "smoke.yaml", QUICK, EXPERIMENTS / "real" / "flickr8k.yaml",
+            EXPERIMENTS / "gpu" / "vit_b16_bert_base.yaml"]
+#: the ablation cells, each a delta over base.yaml (`_ablation.yaml` holds an ablation's runner settings,
+#: not a training config)
+CELLS = sorted(p for p in (EXPERIMENTS / "ablations").rglob("*.yaml") if not p.name.startswith("_"))
+#: the sections of a config a later --config merges key by key (a key's value is replaced whole)
+SECTIONS = ("trainer", "model", "data")
 
 
 class ParseOnlyCLI(ClipCLI):
@@ -29,18 +37,94 @@ def parse(*args: str):
     return ParseOnlyCLI(ClipModule, ClipDataModule, run=False, args=list(args)).config
 
 
-def test_there_are_configs_to_check():
-    names = {p.name for p in CELLS}
-    assert "smoke.yaml" in names
+def layered(*paths: Path) -> dict:
+    """What the configs say once layered as the CLI does: the last file wins per section key."""
+    out: dict = {}
+    for path in paths:
+        for key, value in (yaml.safe_load(path.read_text()) or {}).items():
+            if key in SECTIONS:
+                out.setdefault(key, {}).update(value or {})
+            else:
+                out[key] = value
+    return out
 
 
-@pytest.mark.parametrize("cell", CELLS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
-def test_every_config_parses_over_base(cell):
-    cfg = parse("--config", str(BASE), "--config", str(cell))
-    # the loss named by the cell exists and accepts its options
+def resolved(cfg, section: str, key: str):
+    value = cfg[section][key] if section in SECTIONS else cfg[section]
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def assert_resolves_to_the_files(cfg, *paths: Path) -> None:
+    want = layered(*paths)
+    for section, values in want.items():
+        if section not in SECTIONS:
+            assert resolved(cfg, section, "") == values, section
+            continue
+        for key, value in values.items():
+            got = resolved(cfg, section, key)
+            assert got == value or (isinstance(got, tuple) and list(got) == value), \
+                f"{section}.{key}: parsed {got!r}, the files say {value!r} ({[p.name for p in paths]})"
+
+
+def test_every_shipped_config_is_found():
+    names = {str(p.relative_to(EXPERIMENTS)) for p in CELLS}
+    ablations = {p.parent.name for p in CELLS}
+    assert {"losses", "batch_size", "batch_steps", "duplicates", "variance", "real", "convergence"} <= ablations
+    assert {"ablations/losses/infonce.yaml", "ablations/losses/siglip.yaml"} <= names
+    assert all(p.exists() for p in [BASE, *OVERLAYS])
+    # every YAML under experiments/ is checked here, as a cell or an overlay, or is not a training config
+    other = {p for p in EXPERIMENTS.rglob("*.yaml")} - set(CELLS) - set(OVERLAYS) - {BASE}
+    assert all(p.name.startswith("_") or "executors" in p.parts for p in other), other
+
+
+def test_base_resolves_to_the_defaults_every_cell_inherits():
+    cfg = parse("--config", str(BASE))
+    assert_resolves_to_the_files(cfg, BASE)
+    assert cfg.model.loss == "infonce" and cfg.trainer.max_steps == 2000 and cfg.data.batch_size == 64
+    assert cfg.model.image_size == cfg.data.image_size == 48  # linked from the data
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_whole_run_config_parses_over_base(overlay):
+    cfg = parse("--config", str(BASE), "--config", str(overlay))
+    assert_resolves_to_the_files(cfg, BASE, overlay)
+    assert cfg.model.image_size == cfg.data.image_size
     build_loss(cfg.model.loss, **(cfg.model.loss_args or {}))
+
+
+def test_smoke_and_quick_are_short_runs():
+    smoke = parse("--config", str(BASE), "--config", str(EXPERIMENTS / "smoke.yaml"))
+    assert smoke.trainer.max_steps == 8 and smoke.model.embed_dim == 32 and smoke.data.num_workers == 0
+    assert smoke.model.text_config == {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    quick = parse("--config", str(BASE), "--config", str(CELLS[0]), "--config", str(QUICK))
+    assert quick.trainer.max_steps == 12 and quick.trainer.val_check_interval == 6
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=lambda p: str(p.relative_to(EXPERIMENTS / "ablations")))
+def test_every_cell_parses_over_base_alone_and_with_the_quick_overlay(cell):
+    cfg = parse("--config", str(BASE), "--config", str(cell))
+    assert_resolves_to_the_files(cfg, BASE, cell)
+    # the loss named by the cell exists and accepts its options
+    family = build_loss(cfg.model.loss, **(cfg.model.loss_args or {}))
+    assert family.registry_name == cfg.model.loss
     # cells are deltas: they must not replace the always-on callbacks
     assert "callbacks" not in (yaml.safe_load(cell.read_text()) or {}).get("trainer", {}), cell
+    # make ablate QUICK=1: the overlay comes last and shortens the run, the cell's model and data stay
+    quick = parse("--config", str(BASE), "--config", str(cell), "--config", str(QUICK))
+    assert_resolves_to_the_files(quick, BASE, cell, QUICK)
+    assert quick.model.loss == cfg.model.loss and quick.data.batch_size == cfg.data.batch_size
+
+
+def test_cells_resolve_to_what_their_ablation_varies():
+    def cfg(rel):
+        return parse("--config", str(BASE), "--config", str(EXPERIMENTS / "ablations" / rel))
+
+    siglip = cfg("losses/siglip.yaml")
+    assert siglip.model.loss == "siglip" and siglip.model.loss_args == {"init_bias": "prior"}
+    assert siglip.trainer.max_steps == 2000 and siglip.data.batch_size == 64   # the rest is base's
+    assert cfg("batch_size/infonce-b16.yaml").data.batch_size == 16
+    real = cfg("real/infonce.yaml")
+    assert real.data.generate is None and real.data.train_shards.endswith("flickr8k-96/train")
 
 
 def test_unknown_config_key_is_named(capsys):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_clip.losses.base import LOG_SCALE_MAX
 from lightning_clip.module import ClipModule
@@ -66,64 +67,115 @@ def test_channels_last_is_a_layout_change_only(image_model):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
 
 
-def test_log_scale_not_decayed_and_clamped_after_step():
+class FakeTrainer:
+    """What configure_optimizers reads from the trainer: the run's number of optimizer steps."""
+
+    def __init__(self, steps: int):
+        self.estimated_stepping_batches = steps
+
+
+def configured(m: ClipModule, steps: int = 10) -> dict:
+    m.trainer = FakeTrainer(steps)  # type: ignore[assignment]
+    return m.configure_optimizers()
+
+
+def decay_of(opt) -> dict[int, float]:
+    """id(parameter) -> the weight decay the optimizer applies to it (each parameter in one group only)."""
+    out: dict[int, float] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert id(p) not in out, "a parameter is in two groups"
+            out[id(p)] = group["weight_decay"]
+    return out
+
+
+@pytest.mark.parametrize("image_model,loss", [("test_resnet", "infonce"), ("test_vit", "siglip"),
+                                              ("test_resnet", "pcmepp")])
+def test_weight_decay_on_weight_matrices_only(image_model, loss):
+    """CLIP's recipe: decay on the linear and convolution weights; none on biases, norm gains, embedding
+    tables, or the loss' own scale / bias (decay would pull the learned temperature toward scale 1)."""
+    m = ClipModule(image_model=image_model, loss=loss, weight_decay=0.3, lr=2e-3, betas=(0.8, 0.9), **TINY)
+    opt = configured(m)["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW)
+    # the schedule's first step: warmup = min(warmup_steps 50, 10 steps // 2) = 5, lr * 1 / 6
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3 / 6] * 2)
+    assert {g["initial_lr"] for g in opt.param_groups} == {2e-3}
+    assert {tuple(g["betas"]) for g in opt.param_groups} == {(0.8, 0.9)}
+    decay = decay_of(opt)
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    assert set(decay) == {id(p) for p in trainable}                  # every trainable parameter, once
+    want: dict[int, float] = {}
+    for _, mod in m.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            want[id(mod.weight)] = 0.3
+            if mod.bias is not None:
+                want[id(mod.bias)] = 0.0
+        elif isinstance(mod, (nn.LayerNorm, nn.BatchNorm2d, nn.Embedding)):
+            want.update({id(p): 0.0 for p in mod.parameters(recurse=False)})
+    want.update({id(getattr(m.loss, n)): 0.0 for n in m.loss.no_decay if getattr(m.loss, n, None) is not None})
+    assert len(want) > 20 and {decay[k] for k in want} >= {0.0, 0.3}
+    wrong = [n for n, p in m.named_parameters() if id(p) in want and decay[id(p)] != want[id(p)]]
+    assert not wrong, f"wrong weight decay on {wrong}"
+    assert any(isinstance(mod, nn.Embedding) for mod in m.modules())  # the embedding rule was exercised
+
+
+def test_fixed_scale_is_not_handed_to_the_optimizer():
+    m = ClipModule(loss_args={"learn_scale": False}, **TINY)
+    assert id(m.loss.log_scale) not in decay_of(configured(m)["optimizer"])
+
+
+def test_optimizer_step_keeps_the_scale_in_the_clamp_range():
+    """After every optimizer step the log-scale is cut back to [0, log 100] (open_clip), in the module's
+    own step, whatever the update did."""
     m = ClipModule(**TINY)
+    opt = configured(m)["optimizer"]
+    head = m.image_head.proj.weight
+    for start, want in ((10.0, LOG_SCALE_MAX), (-3.0, 0.0), (1.5, None)):
+        with torch.no_grad():
+            m.loss.log_scale.fill_(start)
+        before = head.detach().clone()
 
-    class FakeTrainer:
-        estimated_stepping_batches = 10
+        def closure():
+            opt.zero_grad()
+            loss = m._compute_loss(m(batch())).loss
+            loss.backward()
+            return loss
 
-    m.trainer = FakeTrainer()  # type: ignore[assignment]
-    opt = m.configure_optimizers()["optimizer"]
-    no_decay = next(g for g in opt.param_groups if g["weight_decay"] == 0.0)
-    assert any(p is m.loss.log_scale for p in no_decay["params"])
-    decay = next(g for g in opt.param_groups if g["weight_decay"] > 0)
-    assert all(p is not m.loss.log_scale for p in decay["params"])
-    with torch.no_grad():
-        m.loss.log_scale.fill_(10.0)
-    m.loss.clamp_()
-    assert float(m.loss.log_scale.detach()) == pytest.approx(LOG_SCALE_MAX)
-    with torch.no_grad():
-        m.loss.log_scale.fill_(-3.0)
-    m.loss.clamp_()
-    assert float(m.loss.log_scale.detach()) == 0.0
-
-
-def test_build_optimizer_is_the_optimizer_the_module_trains_with():
-    # benchmarks time a hand-written loop with build_optimizer(): it must be configure_optimizers' own
-    m = ClipModule(weight_decay=0.3, **TINY)
-
-    class FakeTrainer:
-        estimated_stepping_batches = 10
-
-    m.trainer = FakeTrainer()  # type: ignore[assignment]
-    configured, built = m.configure_optimizers()["optimizer"], m.build_optimizer()
-    assert type(configured) is type(built)
-    for a, b in zip(configured.param_groups, built.param_groups, strict=True):
-        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
-        # the schedule scales lr from its initial value (warmup): compare that
-        assert a["initial_lr"] == b["lr"]
-        assert {k: v for k, v in a.items() if k not in ("params", "initial_lr", "lr")} == \
-            {k: v for k, v in b.items() if k not in ("params", "lr")}
-    assert {g["weight_decay"] for g in built.param_groups} == {0.3, 0.0}
+        m.optimizer_step(0, 0, opt, closure)
+        got = float(m.loss.log_scale.detach())
+        if want is None:  # inside the range: the optimizer's update alone (AdamW moves it by at most ~lr)
+            assert 0.0 < got < LOG_SCALE_MAX and abs(got - start) < 2 * m.hparams.lr
+        else:
+            assert got == float(torch.tensor(want))  # exactly the bound, in the parameter's float32
+        assert not torch.equal(head.detach(), before)  # a real step was taken
 
 
-def test_warmup_then_cosine():
-    m = ClipModule(warmup_steps=4, lr=1.0, **TINY)
-
-    class FakeTrainer:
-        estimated_stepping_batches = 20
-
-    m.trainer = FakeTrainer()  # type: ignore[assignment]
-    sched = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+@pytest.mark.parametrize("warmup_steps,total,min_lr_ratio", [(4, 20, 0.0), (4, 20, 0.1), (50, 20, 0.0)])
+def test_learning_rate_schedule_values(warmup_steps, total, min_lr_ratio):
+    """Linear warmup to lr over min(warmup_steps, total // 2) steps, then a half cosine down to
+    min_lr_ratio * lr at the last step, stepped once per optimizer step."""
+    lr = 0.5
+    m = ClipModule(warmup_steps=warmup_steps, lr=lr, min_lr_ratio=min_lr_ratio, **TINY)
+    cfg = configured(m, total)
+    assert cfg["lr_scheduler"]["interval"] == "step"
+    sched = cfg["lr_scheduler"]["scheduler"]
+    warmup = min(warmup_steps, total // 2)
     lrs = []
-    for _ in range(20):
+    for _ in range(total + 3):  # past the end: stays at the floor
         lrs.append(sched.get_last_lr()[0])
         sched.optimizer.step()
         sched.step()
-    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] < lrs[4]          # warmup rises
-    assert lrs[4] == pytest.approx(1.0)                         # peak after warmup
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))       # cosine decays
-    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    for step, value in enumerate(lrs):
+        if step < warmup:
+            want = lr * (step + 1) / (warmup + 1)
+        else:
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            want = lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        assert value == pytest.approx(want, rel=1e-12), step
+    assert lrs[warmup] == pytest.approx(lr)                           # the peak, right after warmup
+    assert lrs[total] == pytest.approx(lr * min_lr_ratio, abs=1e-15)  # the floor at the last step
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
 
 
 def test_nan_features_raise_a_clear_error():
