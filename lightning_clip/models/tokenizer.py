@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from lightning_clip.files import atomic_write
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
@@ -110,12 +111,7 @@ def load_tokenizer(spec: str, train_shards: Sequence[str] = (), cache_dir: str |
         raise ValueError("data.tokenizer='auto' found no tokenizer.json beside the train shards and has no "
                          "captions to train a WordPiece on")
     tok = train_wordpiece(captions, vocab_size=vocab_size)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    # temp file + rename: concurrent runs never read a half-written tokenizer
-    fd, tmp = tempfile.mkstemp(prefix=".tok-", suffix=".json", dir=cached.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(tok.backend_tokenizer.to_str())
-    os.replace(tmp, cached)
+    atomic_write(cached, tok.backend_tokenizer.to_str())  # concurrent runs never read half a tokenizer
     return tok
 
 
