@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_clip.losses.base import cosine_similarity
+
 TextEmbedFn = Callable[[list[str]], Tensor]  # n strings -> [n, D] embeddings (normalised or not)
 
 
@@ -46,7 +48,7 @@ def class_embeddings(text_embed_fn: TextEmbedFn, classnames: Sequence[str], temp
 def zero_shot_scores(image_emb: Tensor, class_emb: Tensor) -> Tensor:
     """``[N, C]`` cosine similarities between images and class embeddings (both normalised here; CLIP's
     logit scale is left out, it changes no argmax)."""
-    return F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).T
+    return cosine_similarity(image_emb, class_emb)
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:

@@ -22,7 +22,7 @@ SCALE_MIN = 1.0  # exp(0): the clamp's lower end
 def cosine_similarity(image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,
                       text_ln_std: Optional[Tensor] = None) -> Tensor:
     """Cosine similarity ``[N_image, N_text]`` in float32: the default retrieval score of every family
-    (`ContrastiveLoss.similarity`) and of evaluation; the variance arguments are ignored."""
+    (`ContrastiveLoss.similarity`) and of evaluation (retrieval, zero-shot); the variance arguments are ignored."""
     return F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
 
 
