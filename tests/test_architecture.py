@@ -166,3 +166,23 @@ def test_no_file_over_the_line_limit():
     long = {str(p.relative_to(ROOT.parent)): n for p in sorted(ROOT.rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+#: rooms outside training code and what each must not import directly (README, "Architecture")
+NOT_DIRECTLY = {
+    "lightning_clip.eval": ("lightning_clip.callbacks", "lightning_clip.grid", "lightning_clip.report",
+                            "lightning_clip.cli"),
+    "lightning_clip.callbacks": ("lightning_clip.grid", "lightning_clip.report", "lightning_clip.cli"),
+    "lightning_clip.report": ("lightning_clip.grid", "lightning_clip.callbacks", "lightning_clip.cli",
+                              "lightning_clip.module", "lightning_clip.losses", "lightning_clip.models"),
+    # the runner drives runs as processes: it builds no model, loss or data module itself
+    "lightning_clip.grid": ("lightning_clip.module", "lightning_clip.losses", "lightning_clip.models",
+                            "lightning_clip.data", "lightning_clip.callbacks"),
+}
+
+
+def test_each_room_imports_only_what_the_readme_allows():
+    graph = import_graph()
+    bad = [f"{m} -> {t}" for m, targets in sorted(graph.items()) for room, banned in NOT_DIRECTLY.items()
+           if in_room(m, (room,)) for t in sorted(targets) if in_room(t, banned)]
+    assert not bad, "direct imports across rooms that the README's architecture table forbids:\n" + "\n".join(bad)
