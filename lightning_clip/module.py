@@ -34,7 +34,8 @@ def logging_step(trainer) -> bool:
 
 
 class ClipModule(L.LightningModule):
-    # running sum and count behind `train/false_negatives` (whole run so far; not checkpointed)
+    # running sum and count behind `train/false_negatives` (whole run so far; carried in the checkpoint,
+    # so a resumed run reports the mean over every batch, as an uninterrupted one does)
     _false_negative_sum: float = 0.0
     _false_negative_batches: int = 0
 
@@ -90,6 +91,8 @@ class ClipModule(L.LightningModule):
         self.save_hyperparameters()
         if negatives_from < 1:
             raise ValueError(f"model.negatives_from must be >= 1, got {negatives_from}")
+        if not lr > 0:  # AdamW refuses a negative rate; zero would train nothing without a word
+            raise ValueError(f"model.lr={lr} must be > 0 (a zero learning rate leaves the model as initialised)")
         # GradCache needs control over backward and the optimizer step
         self.automatic_optimization = negatives_from == 1
         self._cache: list[tuple[dict, tuple]] = []
@@ -313,6 +316,17 @@ class ClipModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "skipped"):
             self.log("data/skipped", float(dm.skipped), reduce_fx="sum", sync_dist=True)
+
+    # -- resume: the running statistics live outside the state dict -----------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["false_negatives"] = {"sum": float(self._false_negative_sum),
+                                         "batches": int(self._false_negative_batches)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("false_negatives")
+        if saved:  # a Python float is a float64: the same additions as the uninterrupted run's tensor sum
+            self._false_negative_sum = float(saved["sum"])
+            self._false_negative_batches = int(saved["batches"])
 
     def optimizer_step(self, *args, **kwargs):  # automatic optimisation only
         super().optimizer_step(*args, **kwargs)

@@ -155,3 +155,28 @@ def test_sigterm_ends_a_run_whose_loader_never_delivers(world, tmp_path):
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
+
+
+class SigtermAtStep4(L.Callback):
+    """SIGTERM after step 4, past the checkpoint of step 3's validation."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 4:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_a_resumed_runs_final_metrics_equal_the_uninterrupted_runs(world, tmp_path, monkeypatch):
+    # every figure of final_metrics.json, running means included (train/false_negatives is a mean over
+    # every training batch of the run, kept in the checkpoint)
+    import json
+
+    monkeypatch.setattr("sys.argv", ["lightning-clip"])
+    args = ("--trainer.max_steps=6", "--trainer.log_every_n_steps=1")
+    _cli(world, tmp_path / "full", *args)
+    with pytest.raises(SystemExit, match="stopped by SIGTERM at global step 4"):
+        _cli(world, tmp_path / "cut", *args, "--trainer.callbacks+=test_resume.SigtermAtStep4")
+    _cli(world, tmp_path / "cut", *args, "--ckpt_path=last")
+    full, resumed = (json.loads((tmp_path / r / "final_metrics.json").read_text()) for r in ("full", "cut"))
+    assert set(full) == set(resumed) and "train/false_negatives" in full
+    for key in set(full) - {"wall_time_s"}:
+        assert resumed[key] == (full[key] if isinstance(full[key], str) else pytest.approx(full[key], rel=1e-6)), key
