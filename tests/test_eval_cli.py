@@ -51,12 +51,16 @@ def test_eval_writes_every_measure_as_records_and_scalars(run):
     flat = flatten(records)
     assert set(TABLE_KEYS) <= set(flat)
     retrieval = next(r["metrics"] for r in records if r["task"] == "zeroshot_retrieval")
-    assert {"image_retrieval_recall@1", "text_retrieval_recall@5", "ceiling_t2i_R@1"} <= set(retrieval)
+    assert {"image_retrieval_recall@1", "text_retrieval_recall@5", "ceiling_t2i_R@1", "bayes_t2i_R@1",
+            "bayes_i2t_R@1"} <= set(retrieval)
     assert any(k.startswith("t2i_R@1_specificity_") for k in retrieval)
     # the validation callback ranked the same model on the same data: the same recall
     final = json.loads((run / "final_metrics.json").read_text())
     assert retrieval["image_retrieval_recall@1"] == pytest.approx(final["val/t2i/R@1"], abs=1e-6)
     assert retrieval["text_retrieval_recall@1"] == pytest.approx(final["val/i2t/R@1"], abs=1e-6)
+    for d in ("t2i", "i2t"):  # the same data: the same ceilings
+        assert retrieval[f"bayes_{d}_R@1"] == pytest.approx(final[f"val/bayes/{d}/R@1"], abs=1e-6)
+        assert retrieval[f"ceiling_{d}_R@1"] == pytest.approx(final[f"val/ceiling/{d}/R@1"], abs=1e-6)
     tags = set(EventAccumulator(str(run)).Reload().Tags()["scalars"])
     assert set(TABLE_KEYS) <= tags
 
@@ -67,6 +71,8 @@ def test_eval_on_the_held_out_test_split(run):
     assert out.name == "eval_test.json"
     assert all(r["dataset"].split("/")[1] == "test" for r in records)  # <world>/test[/<attribute>]
     assert "linear_probe" not in {r["task"] for r in records}  # --probe_images=0
+    retrieval = next(r["metrics"] for r in records if r["task"] == "zeroshot_retrieval")
+    assert all(0 < retrieval[f"bayes_{d}_R@1"] <= 1 for d in ("t2i", "i2t"))  # the test split's own ceiling
 
 
 def test_missing_checkpoint_and_config_are_named(tmp_path):

@@ -17,6 +17,11 @@ With the relevance the callback also logs the oracle ceiling, ``val/ceiling/{t2i
 caption counts more the fewer images it fits; ties broken at random), i.e. what the vague captions leave
 reachable. It is constant for a validation set and costs two reductions
 over the relevance matrix (2,500 x 500 on the default world), so it is simply recomputed each epoch.
+
+Beside it, the Bayes ceiling ``val/bayes/{t2i,i2t}/R@1`` (`lightning_clip.eval.ceilings`): the expected R@1
+of the caption generator's own likelihood P(caption | image) as the scorer, needing each caption's text as
+the generator rendered it. It depends on the data only and costs a parse per distinct caption, so it is
+computed once per validation set (keyed by its ids) and kept on the callback.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from torch import Tensor
 
 from lightning_clip.eval.retrieval import (DEFAULT_CHUNK, DEFAULT_KS, RetrievalMetric, RetrievalResult, caption_ids,
                                           oracle_ceiling, oracle_relevance)
+from lightning_clip.eval.ceilings import bayes_ceiling_of
 
 IMAGE_EXTRAS = ("num_objects",)
 TEXT_EXTRAS = ("specificity",)
@@ -52,7 +58,8 @@ def _gather_objects(local: dict) -> dict:
 
 class RetrievalCallback(L.Callback):
     """Logs ``val/{i2t,t2i}/R@k``, ``val/{i2t,t2i}/{median,mean}_rank`` and, on synthetic data,
-    ``val/semantic/{i2t,t2i}/R@k`` and the oracle ceiling ``val/ceiling/{t2i,i2t}/R@1``. ``last_metrics``
+    ``val/semantic/{i2t,t2i}/R@k``, the oracle ceiling ``val/ceiling/{t2i,i2t}/R@1`` and the Bayes ceiling
+    ``val/bayes/{t2i,i2t}/R@1``. ``last_metrics``
     keeps the last logged values (floats)."""
 
     def __init__(self, ks: Sequence[int] = DEFAULT_KS, chunk_size: int = DEFAULT_CHUNK, prefix: str = "val"):
@@ -63,6 +70,8 @@ class RetrievalCallback(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self._scenes: dict[int, Any] = {}
         self._constraints: dict[int, Any] = {}
+        self._texts: dict[int, Any] = {}
+        self._bayes: Optional[tuple[bytes, Optional[dict[str, Tensor]]]] = None  # (the validation set's ids, its value)
         self._result: Optional[RetrievalResult] = None
         self._computed = False
 
@@ -72,7 +81,7 @@ class RetrievalCallback(L.Callback):
         self.metric = RetrievalMetric(similarity=getattr(loss, "similarity", None), ks=self.ks,
                                       chunk_size=self.chunk_size, relevance_fn=self._relevance,
                                       image_extras=IMAGE_EXTRAS, text_extras=TEXT_EXTRAS).to(pl_module.device)
-        self._scenes, self._constraints = {}, {}
+        self._scenes, self._constraints, self._texts = {}, {}, {}
         self._result, self._computed = None, False
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -93,17 +102,29 @@ class RetrievalCallback(L.Callback):
         image, text = loss.retrieval_inputs(emb) if hasattr(loss, "retrieval_inputs") else (emb.image, emb.text)
         self.metric.update(image, text, image_id, text_id, image_ln_std=emb.image_ln_std,
                            text_ln_std=emb.text_ln_std, **extras)
-        scenes, constraints = meta.get("scene"), meta.get("constraints")
+        scenes, constraints, texts = meta.get("scene"), meta.get("constraints"), meta.get("caption")
         for i in range(n):
             if scenes is not None and scenes[i] is not None:
                 self._scenes[int(image_id[i])] = scenes[i]
             if constraints is not None and constraints[i] is not None:
                 self._constraints[int(text_id[i])] = constraints[i]
+                if texts is not None:  # the Bayes ceiling's input; only with ground truth
+                    self._texts[int(text_id[i])] = texts[i]
 
     def _relevance(self, image_ids: Tensor, text_ids: Tensor) -> Optional[Tensor]:
         """bool [n_texts, n_images] from the oracle, or None unless every item has ground truth."""
         return oracle_relevance([self._constraints.get(int(t)) for t in text_ids],
                                 [self._scenes.get(int(i)) for i in image_ids])
+
+    def _bayes_ceiling(self, res: RetrievalResult) -> Optional[dict[str, Tensor]]:
+        """The Bayes ceiling of this validation set, computed on its first epoch and then reused: the
+        likelihood matrix depends on the data only."""
+        key = b"".join(x.cpu().numpy().tobytes() for x in (res.image_ids, res.text_ids, res.text_image_ids))
+        if self._bayes is None or self._bayes[0] != key:
+            self._bayes = (key, bayes_ceiling_of([self._texts.get(int(t)) for t in res.text_ids],
+                                                 [self._scenes.get(int(i)) for i in res.image_ids],
+                                                 res.image_ids, res.text_image_ids))
+        return self._bayes[1]
 
     # -- results ---------------------------------------------------------------------------------------
     def result(self, trainer, pl_module) -> Optional[RetrievalResult]:
@@ -118,6 +139,7 @@ class RetrievalCallback(L.Callback):
             # the oracle's inputs live in python dicts: gather them before the metric gathers tensors
             self._scenes = _gather_objects(self._scenes)
             self._constraints = _gather_objects(self._constraints)
+            self._texts = _gather_objects(self._texts)
             self.metric.compute()
             self._result = self.metric.last_result
             self.metric.reset()  # free the gathered embeddings; the ranks stay in the result
@@ -134,6 +156,7 @@ class RetrievalCallback(L.Callback):
         if res.relevance is not None and res.text_image_ids is not None:
             logged.update({f"ceiling/{k}": v for k, v in
                            oracle_ceiling(res.relevance, res.image_ids, res.text_image_ids).items()})
+            logged.update({f"bayes/{k}": v for k, v in (self._bayes_ceiling(res) or {}).items()})
         for name, value in logged.items():
             key = f"{self.prefix}/{name}"
             # already global (the metric gathered every rank), so no second reduction

@@ -1,5 +1,6 @@
-"""Data: the synthetic world (`synthetic`), shard reading (`shards`), converters (`convert`), transforms,
-batch assembly (`batching`), the shard stream (`stream`), its loader (`loader`) and the `ClipDataModule`."""
+"""Data: the synthetic world (`synthetic`, its relevance `oracle`, its caption `likelihood`), shard reading
+(`shards`), converters (`convert`), transforms, batch assembly (`batching`), the shard stream (`stream`), its
+loader (`loader`) and the `ClipDataModule`."""
 from __future__ import annotations
 
 __all__ = ["ClipDataModule"]

@@ -37,6 +37,7 @@ class EmbeddedSplit:
     scenes: Optional[list[dict]] = None          # per image (synthetic world)
     constraints: Optional[list[dict]] = None     # per caption (synthetic world)
     specificity: Optional[Tensor] = None         # per caption, 1..4 (synthetic world), -1 unknown
+    captions: Optional[list[str]] = None         # per caption, its text (the Bayes ceiling's input)
     #: what the family ranks by when it is not the pooled embedding (``loss.retrieval_inputs``: filip's
     #: tokens), one row per image / caption; None means ``image`` / ``text``
     image_rank: Optional[Tensor] = None
@@ -68,7 +69,7 @@ def embed_split(module, loader: Iterable[dict], max_batches: Optional[int] = Non
     module.eval()
     parts: dict[str, list] = {k: [] for k in ("image", "text", "image_ln_std", "text_ln_std", "image_id",
                                               "text_id", "specificity", "scene", "constraints", "image_rank",
-                                              "text_rank")}
+                                              "text_rank", "caption")}
     loss = getattr(module, "loss", None)
     try:
         for batch in islice(loader, max_batches):
@@ -93,6 +94,7 @@ def embed_split(module, loader: Iterable[dict], max_batches: Optional[int] = Non
                 parts["specificity"].append(torch.as_tensor(meta["specificity"]).reshape(n).long().cpu())
             parts["scene"].extend(meta.get("scene") or [None] * n)
             parts["constraints"].extend(meta.get("constraints") or [None] * n)
+            parts["caption"].extend(meta.get("caption") or [None] * n)
     finally:
         module.train(was_training)
     if not parts["image"]:
@@ -102,6 +104,7 @@ def embed_split(module, loader: Iterable[dict], max_batches: Optional[int] = Non
     img_rows, txt_rows = (first_occurrences(cat[k]).sort().values for k in ("image_id", "text_id"))
     scenes = [parts["scene"][i] for i in img_rows.tolist()]
     constraints = [parts["constraints"][i] for i in txt_rows.tolist()]
+    captions = [parts["caption"][i] for i in txt_rows.tolist()]
     return EmbeddedSplit(
         image=cat["image"][img_rows], text=cat["text"][txt_rows],
         image_ids=cat["image_id"][img_rows], text_ids=cat["text_id"][txt_rows],
@@ -110,6 +113,7 @@ def embed_split(module, loader: Iterable[dict], max_batches: Optional[int] = Non
         text_ln_std=cat["text_ln_std"][txt_rows] if "text_ln_std" in cat else None,
         scenes=scenes if all(s is not None for s in scenes) else None,
         constraints=constraints if all(c is not None for c in constraints) else None,
+        captions=captions if all(c is not None for c in captions) else None,
         specificity=cat["specificity"][txt_rows] if "specificity" in cat else None,
         image_rank=cat["image_rank"][img_rows] if "image_rank" in cat else None,
         text_rank=cat["text_rank"][txt_rows] if "text_rank" in cat else None)

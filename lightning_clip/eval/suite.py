@@ -6,7 +6,7 @@
      "task": "zeroshot_retrieval", "metrics": {"image_retrieval_recall@1": ..., ...}, "language": "en"}
 
 Tasks: ``zeroshot_retrieval`` (recall@k both ways with CLIP_benchmark's key names, plus ours: semantic
-recall, the oracle ceiling, t2i R@1 per caption specificity), ``zeroshot_classification`` and
+recall, the oracle and Bayes ceilings, t2i R@1 per caption specificity), ``zeroshot_classification`` and
 ``linear_probe`` (one record per attribute of the synthetic world, dataset ``<split>/<attribute>``),
 ``embedding_geometry`` and, for families with variance heads, ``variance_calibration``.
 `flatten` turns records into ``eval/<task>/[<attribute>/]<metric>`` scalars (TensorBoard, the report).
@@ -21,6 +21,7 @@ from torch import Tensor
 from lightning_clip.eval import calibration, geometry, probe, world_tasks, zeroshot
 from lightning_clip.eval.embed import EmbeddedSplit
 from lightning_clip.eval.records import TABLE_KEYS, flatten, record  # noqa: F401 (re-exported)
+from lightning_clip.eval.ceilings import bayes_ceiling_of
 from lightning_clip.eval.retrieval import oracle_ceiling, recall_at_1_by_level, retrieval_metrics
 
 TextEmbedFn = Callable[[list[str]], Tensor]
@@ -42,6 +43,8 @@ def retrieval_record_metrics(split: EmbeddedSplit, similarity=None) -> tuple[dic
     if relevance is not None:
         out.update({f"ceiling_{k.replace('/', '_')}": v for k, v in
                     oracle_ceiling(relevance, split.image_ids, split.text_image_ids).items()})
+        bayes = bayes_ceiling_of(split.captions, split.scenes, split.image_ids, split.text_image_ids)
+        out.update({f"bayes_{k.replace('/', '_')}": v for k, v in (bayes or {}).items()})
     if split.specificity is not None:
         out.update({f"t2i_R@1_specificity_{lv}": v for lv, v in
                     recall_at_1_by_level(t2i_ranks, split.specificity).items()})

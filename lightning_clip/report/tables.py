@@ -10,7 +10,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .columns import BY_KEY, CEILING_KEYS, METRICS, col, fmt, metric, series_of
+from .columns import (BAYES_CEILING_KEYS, BY_KEY, CEILING_KEYS, METRICS, ORACLE_CEILING_KEYS, col, fmt, metric,
+                      series_of)
 from .stats import CONFIDENCE, Interval, paired_difference, t_interval
 
 Metrics = Mapping[str, Mapping[int, Mapping[str, float]]]  # {cell: {seed: {key: value}}}
@@ -165,8 +166,9 @@ def format_markdown(rows: Sequence[dict], ablation: str, *, confidence: float = 
                     series: Sequence[dict] | None = None, sections: Sequence[str] = ()) -> str:
     """The results/<ablation>.md text: the table of means ± half-widths, then the paired differences from
     the baseline, then (``series``, from `series_differences`) those at the same setting, then ``sections``.
-    Only the METRICS columns; the CSV carries every numeric key of final_metrics.json. The oracle ceiling is
-    one line under the table when every cell has the same (the same validation world), else a column."""
+    Only the METRICS columns; the CSV carries every numeric key of final_metrics.json. The oracle and Bayes
+    ceilings are a line each under the table when every cell has the same (the same validation world), else
+    columns; runs logged before the Bayes ceiling existed get the oracle's line only."""
     keys = [k for k in keys_of(rows) if k in BY_KEY]
     ceiling = uniform_ceiling(rows)
     if ceiling is not None:
@@ -194,10 +196,13 @@ def format_markdown(rows: Sequence[dict], ablation: str, *, confidence: float = 
                 cells.append(fmt(mean, m))
         name = f"`{r['cell']}`" + (" (baseline)" if r.get("baseline") else "")
         lines.append(f"| {name} | {r.get('n_seeds', 0)} | " + " | ".join(cells) + " |")
-    if ceiling:
-        lines += ["", "Oracle ceiling (expected R@1 of a perfect scorer with random tie-breaking): "
-                  + ", ".join(f"{d} {100 * ceiling[k]:.1f}%" for d, k in zip(("t2i", "i2t"), CEILING_KEYS)
-                              if k in ceiling) + "."]
+    for keys_, text in ((ORACLE_CEILING_KEYS, "Oracle ceiling (expected R@1 of a perfect scorer with random "
+                                              "tie-breaking): "),
+                        (BAYES_CEILING_KEYS, "Bayes ceiling (expected R@1 of ranking by the caption generator's "
+                                             "own likelihood P(caption | image)): ")):
+        if any(k in (ceiling or {}) for k in keys_):
+            lines += ["", text + ", ".join(f"{d} {100 * ceiling[k]:.1f}%" for d, k in zip(("t2i", "i2t"), keys_)
+                                           if k in ceiling) + "."]
 
     diff_keys = [k for k in keys_of(rows, "diff") if metric(k).compare]
     if baseline and diff_keys:
