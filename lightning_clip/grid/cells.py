@@ -13,6 +13,9 @@ becomes the cell's description in the tables); lines starting with `# @` are dir
                          a message when the folder is absent (real data is not on every machine)
     # @seeds N           this cell's number of seeds (0..N-1) instead of 3. `--seeds` on the command line
                          overrides every cell; `--quick` uses 1.
+    # @tune KEY KIND ARGS  one dimension of the cell's search space for the tuning stage (grid.tuning):
+                         KIND log|float LOW HIGH, int|logint LOW HIGH, or choice V1 V2 ...; KEY a config
+                         key (model.lr, model.loss_args.init_bias); overrides `_ablation.yaml`'s tune.space
 
 `_ablation.yaml` keys (all optional):
 
@@ -21,6 +24,8 @@ becomes the cell's description in the tables); lines starting with `# @` are dir
       curve_tags: [...]  the curves plotted against step (default: the report's own)
       plateau: true      a table of each cell's distance from its own plateau
       budget_against: losses   compare the final values with that ablation's runs (the default budget)
+    tune:                the tuning stage (grid.tuning): trials per cell, budget, pruner, shared space
+    confirm:             the confirm stage: seeds at the tuned settings, evaluated on the test split
 """
 from __future__ import annotations
 
@@ -37,8 +42,59 @@ SETTINGS_FILE = "_ablation.yaml"
 # repeats three of its cells and so copies their runs. Unlisted ablations follow alphabetically.
 PREFERRED_ORDER = ("losses", "batch_size", "batch_steps", "duplicates", "variance", "real")
 DEFAULT_SEEDS, QUICK_SEEDS = 3, 1
-DIRECTIVES = ("baseline", "quick", "data", "seeds")
-SETTINGS = {"study": bool, "report": dict}
+DIRECTIVES = ("baseline", "quick", "data", "seeds", "tune")
+SETTINGS = {"study": bool, "report": dict, "tune": dict, "confirm": dict}
+PARAM_KINDS = ("log", "float", "int", "logint", "choice")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One dimension of a search space: a config key, how it is sampled, and its range or choices."""
+    key: str
+    kind: str
+    args: tuple
+
+    def describe(self) -> str:
+        return f"{self.key} {self.kind} {' '.join(str(a) for a in self.args)}"
+
+
+def _scalar(word):
+    """A directive's word as a number where it reads as one (YAML alone reads `1e-4` as a string)."""
+    if not isinstance(word, str):
+        return word
+    for kind in (int, float):
+        try:
+            return kind(word)
+        except ValueError:
+            pass
+    return yaml.safe_load(word)
+
+
+def parse_param(words: list, where: str) -> Param:
+    """``KEY KIND ARGS...`` (a `# @tune` directive or a `tune.space` entry) as a `Param`; ``where`` names
+    the file for the error."""
+    if len(words) < 3:
+        raise ValueError(f"{where}: a search dimension is 'KEY KIND ARGS...', e.g. 'model.lr log 1e-4 1e-2'; "
+                         f"got {' '.join(map(str, words))!r}")
+    key, kind, *args = words
+    if kind not in PARAM_KINDS:
+        raise ValueError(f"{where}: {key}: unknown kind '{kind}' (known: {', '.join(PARAM_KINDS)})")
+    if not str(key).startswith(("model.", "data.", "trainer.")):
+        raise ValueError(f"{where}: {key}: a search key is a config key under model., data. or trainer.")
+    values = tuple(_scalar(a) for a in args)
+    if kind == "choice":
+        if len(values) < 2:
+            raise ValueError(f"{where}: {key}: 'choice' needs at least two values, got {list(values)}")
+        return Param(key, kind, values)
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{where}: {key}: '{kind}' takes LOW HIGH numbers, got {list(values)}")
+    low, high = values
+    if not low < high or (kind in ("log", "logint") and low <= 0):
+        raise ValueError(f"{where}: {key}: needs LOW < HIGH{' and LOW > 0 on a log scale' if 'log' in kind else ''}, "
+                         f"got {low} {high}")
+    if kind in ("int", "logint") and not (float(low).is_integer() and float(high).is_integer()):
+        raise ValueError(f"{where}: {key}: '{kind}' takes integer bounds, got {low} {high}")
+    return Param(key, kind, (low, high))
 REPORT_SETTINGS = {"curve_tags": list, "plateau": bool, "budget_against": str}
 
 
@@ -52,6 +108,8 @@ class Cell:
     quick: bool = False
     data: tuple[str, str] | None = None  # (environment variable, default folder)
     seeds: int | None = None  # `# @seeds N`: the cell's seed count
+    search: tuple[Param, ...] = ()  # `# @tune` directives
+    overlay: Path | None = None  # a config layered after the cell's own (the confirm stage's tuned setting)
 
     def data_root(self, environ: Mapping[str, str] = os.environ) -> Path | None:
         if self.data is None:
@@ -70,6 +128,8 @@ class Ablation:
     cells: tuple[Cell, ...]
     study: bool = False
     report: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    tune: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    confirm: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def baseline(self) -> Cell:
@@ -100,7 +160,7 @@ def seeds_for(ablation: Ablation, cli_seeds: int | None = None, quick: bool = Fa
 def parse_cell(path: Path, ablation: str) -> Cell:
     """Read a cell's description and directives from its leading comment lines."""
     path = Path(path)
-    description, flags, data, seeds = "", set(), None, None
+    description, flags, data, seeds, search = "", set(), None, None, []
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
         if not line:
@@ -121,13 +181,16 @@ def parse_cell(path: Path, ablation: str) -> Cell:
                 if len(args) != 1 or not args[0].isdigit() or int(args[0]) < 1:
                     raise ValueError(f"{path}: '# @seeds' takes one positive integer, e.g. '# @seeds 1'; got {args}")
                 seeds = int(args[0])
+            elif word == "tune":
+                search.append(parse_param(args, f"{path}: '# @tune'"))
             else:
                 flags.add(word)
         elif not description:
             description = body
     if not description:
         raise ValueError(f"{path}: a cell starts with a one-line comment saying what it tests")
-    return Cell(ablation, path.stem, path, description, "baseline" in flags, "quick" in flags, data, seeds)
+    return Cell(ablation, path.stem, path, description, "baseline" in flags, "quick" in flags, data, seeds,
+                tuple(search))
 
 
 def _check_types(path: Path, given: Mapping, schema: Mapping[str, type], where: str = "") -> None:
@@ -171,7 +234,8 @@ def load_ablation(name: str, ablations_dir: Path = ABLATIONS_DIR) -> Ablation:
                          f"{baselines or 'none'} in {folder}")
     # baseline first: tables and plots read top-down from the reference
     cells.sort(key=lambda c: not c.baseline)
-    return Ablation(name, tuple(cells), bool(settings.get("study")), dict(settings.get("report") or {}))
+    return Ablation(name, tuple(cells), bool(settings.get("study")), dict(settings.get("report") or {}),
+                    dict(settings.get("tune") or {}), dict(settings.get("confirm") or {}))
 
 
 def available(ablations_dir: Path = ABLATIONS_DIR) -> list[str]:

@@ -17,12 +17,13 @@ import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 from lightning_clip.grid import cells as C
 from lightning_clip.grid import fork as forking
-from lightning_clip.grid import store
+from lightning_clip.grid import stages, store
 from lightning_clip.grid.executors import Local, Slurm
 from lightning_clip.grid.plan import BASE_CONFIG, QUICK_CONFIG, Run, plan_runs
 from lightning_clip.grid.progress import Progress, hms
@@ -42,19 +43,25 @@ def training_jobs(runs: Sequence[Run], prefix: Sequence[str]) -> list[store.Job]
             for r in runs]
 
 
-def evaluate(runs: Sequence[Run], executor, parallel: int = 1, quick: bool = False) -> list[Failure]:
-    """`python -m lightning_clip eval` on every complete run without eval.json (a copied run's original
-    once; the copy then shares its file), through the same loop as the training runs."""
-    todo, copies = store.evaluations_to_do(runs)
+def evaluate(runs: Sequence[Run], executor, parallel: int = 1, quick: bool = False,
+             split: str = "val") -> list[Failure]:
+    """`python -m lightning_clip eval` on every complete run without its eval file (a copied run's
+    original once; the copy then shares its file), through the same loop as the training runs. On the
+    validation split the whole suite (eval.json); on the test split the retrieval measures only
+    (eval_test.json: no linear probes, which the tables do not take from the test split)."""
+    todo, copies = store.evaluations_to_do(runs, split)
     failures: list[Failure] = []
     if todo:
-        print(f"evaluating {len(todo)} run(s) (eval.json: zero-shot, linear probes, geometry)", flush=True)
-        extra = ["--probe_images=500"] if quick else []
-        jobs = [store.Job(f"eval of {r.label}", r.run_dir,
+        out, log = store.eval_files(split)
+        print(f"evaluating {len(todo)} run(s) on the {split} split ({out})", flush=True)
+        extra = ["--probe_images=500"] if quick and split == "val" else []
+        if split != "val":
+            extra = [f"--split={split}", "--probe_images=0"]
+        jobs = [store.Job(f"eval of {r.label}" + ("" if split == "val" else f" ({split})"), r.run_dir,
                           [sys.executable, "-m", "lightning_clip", "eval", f"--ckpt_path={r.run_dir}", *extra],
-                          store.EVAL_LOG, store.EVAL_FILE, str(r.run_dir), r) for r in todo]
+                          log, out, f"{r.run_dir}:{split}", r) for r in todo]
         failures = run_jobs(jobs, executor, store.Evaluations(), parallel=parallel)
-    store.share_evaluations(copies)
+    store.share_evaluations(copies, split)
     return failures
 
 
@@ -86,6 +93,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "this process after one import of torch, Lightning and the towers)")
     p.add_argument("--dry-run", action="store_true", help="print the plan with each run's state, run nothing")
     p.add_argument("--no-report", action="store_true", help="run only; write no tables or plots")
+    p.add_argument("--no-tune", action="store_true",
+                   help="skip the tuning and confirm stages of ablations that declare them (`tune:` in _ablation.yaml)")
+    p.add_argument("--retune", action="store_true",
+                   help="tune again even where results/<ablation>_tuning.yaml holds a choice for the same configs")
+    p.add_argument("--tune-storage", default=None, metavar="URL",
+                   help="the Optuna storage of the studies (default: SQLite in runs/<ablation>/_tuning/study.db; "
+                        "on a cluster an RDB URL)")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the evaluation suite (eval.json per run: zero-shot, probes, geometry)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -122,6 +136,31 @@ def _ablations(args) -> list[C.Ablation]:
     return [a.quick_subset() for a in ablations if any(c.quick for c in a.cells)]
 
 
+def _reports(ablations, plans, confirmed, runs_dir: Path, results_dir: Path) -> list[str]:
+    """Every table; a problem is returned as a message, so that it does not hide the run summary. An
+    ablation with a tuning stage names its default-recipe table `<name>_default`: `<name>` is the confirm
+    stage's test-split table of default and tuned recipes."""
+    from lightning_clip import report
+
+    problems = []
+    jobs = [(a.name, lambda a=a: report.write_report(a.name, runs_dir=runs_dir, results_dir=results_dir,
+                                                     out=f"{a.name}_default" if a.tune else a.name))
+            for a in ablations if plans[a.name]]
+    for name, conf in confirmed.items():
+        jobs.append((conf.name, lambda c=conf: report.write_report(c.name, runs_dir=runs_dir, results_dir=results_dir)))
+        margin = stages.confirm_settings(next(a for a in ablations if a.name == name))["margin"]
+        jobs.append((name, lambda n=name, m=margin: report.write_confirm(n, runs_dir=runs_dir, results_dir=results_dir,
+                                                                            margin=m)))
+    for name, write in jobs:
+        try:
+            written = write()
+        except Exception as e:  # noqa: BLE001 - reported with the others, after the run summary
+            problems.append(f"report of '{name}': {type(e).__name__}: {e}")
+            continue
+        print(f"{name}: wrote " + ", ".join(str(p) for p in written.values()))
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for required in [args.base, *([QUICK_CONFIG] if args.quick else [])]:
@@ -156,29 +195,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGINT as ignored, and Python then keeps it ignored: kill -INT would not stop it. Stopping with
     # Ctrl-C / SIGINT is this runner's documented way to interrupt, so it always listens.
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    stage = "training"
+    totals = {"ok": 0, "failed": 0, "copied": 0, "complete": 0}
+    start = time.monotonic()
+    stage, confirmed = "training", {}
+
+    def train(plan: list[Run]) -> list[Failure]:
+        chosen = store.select(plan)
+        progress = Progress(len(chosen.pending), args.jobs)
+        for run, why in chosen.redo:
+            progress.event(f"redo {run.label}: {why} (clearing {run.run_dir})")
+        if chosen.complete:
+            progress.event(f"{chosen.complete} run(s) already complete (stamp {store.STAMP}); {len(chosen.pending)} to go")
+        failed = run_jobs(training_jobs(chosen.pending, prefix), executor, store.TrainingRuns(runs_dir),
+                          parallel=max(1, len(chosen.pending)) if slurm else args.jobs, progress=progress, poll=poll)
+        for key, value in (("ok", progress.ok), ("failed", progress.failed), ("copied", progress.copied),
+                           ("complete", chosen.complete)):
+            totals[key] += value
+        return failed
+
+    evaluating = not args.no_eval and not stand_in  # the suite needs a real run's checkpoint
+    slurm = args.executor == "slurm"
+    executor, poll = local, 0.2
     try:
         with store.Lock(runs_dir):
+            if slurm:
+                opts = load_options(args.slurm_config)
+                executor, poll = Slurm(opts, Path(opts["folder"] or runs_dir / ".submitit")), opts["poll_s"]
             for a in ablations:
                 store.write_manifest(a, runs_dir, seeds[a.name])
-            chosen = store.select(runs)
-            progress = Progress(len(chosen.pending), args.jobs)
-            for run, why in chosen.redo:
-                progress.event(f"redo {run.label}: {why} (clearing {run.run_dir})")
-            if chosen.complete:
-                progress.event(f"{chosen.complete} run(s) already complete (stamp {store.STAMP}); "
-                               f"{len(chosen.pending)} to go")
-            if args.executor == "slurm":
-                opts = load_options(args.slurm_config)
-                executor, parallel, poll = Slurm(opts, Path(opts["folder"] or runs_dir / ".submitit")), \
-                    max(1, len(chosen.pending)), opts["poll_s"]
-            else:
-                executor, parallel, poll = local, args.jobs, 0.2
-            failures = run_jobs(training_jobs(chosen.pending, prefix), executor, store.TrainingRuns(runs_dir),
-                                parallel=parallel, progress=progress, poll=poll)
-            if not args.no_eval and not stand_in:  # the suite needs a real run's checkpoint
+            failures = train(runs)
+            if evaluating:
                 stage = "evaluation"
                 failures += evaluate(runs, local, args.jobs, args.quick)
+            for a in (a for a in ablations if a.tune and not args.no_tune):
+                stage = f"the tuning of {a.name}"
+                common = dict(base=args.base, extra=args.extra, quick_config=QUICK_CONFIG if args.quick else None)
+                failures += stages.tune(a, runs_dir=runs_dir, results_dir=results_dir, prefix=prefix, executor=executor,
+                                        parallel=args.jobs, storage=args.tune_storage, retune=args.retune, **common)
+                stage = f"the confirm stage of {a.name}"
+                conf = stages.confirm_ablation(a, runs_dir, results_dir)
+                if conf is None:
+                    continue
+                conf_seeds = list(range(stages.confirm_settings(a, args.quick)["seeds"]))
+                store.write_manifest(conf, runs_dir, conf_seeds)
+                conf_runs = plan_runs(conf, conf_seeds, runs_dir, **common)
+                failures += train(conf_runs)
+                confirmed[a.name] = conf
+                if evaluating:
+                    failures += evaluate(conf_runs, local, args.jobs, args.quick)
+                    failures += evaluate(plans[a.name] + conf_runs, local, args.jobs, args.quick, split="test")
     except KeyboardInterrupt:
         print(f"\ninterrupted during {stage}: complete runs keep their stamps; run the same command again to "
               "resume", file=sys.stderr)
@@ -189,19 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     problems = [str(f) for f in failures]
     if not args.no_report:
-        from lightning_clip import report
-
-        for name, plan in plans.items():
-            if not plan:
-                continue
-            try:
-                written = report.write_report(name, runs_dir=runs_dir, results_dir=results_dir)
-            except Exception as e:  # a table problem must not hide the run summary below
-                problems.append(f"report of '{name}': {type(e).__name__}: {e}")
-                continue
-            print(f"{name}: wrote " + ", ".join(str(p) for p in written.values()))
-    print(f"finished in {hms(progress.elapsed)}: {progress.ok} run(s) ok, {progress.failed} failed, "
-          f"{progress.copied} copied, {chosen.complete} already complete")
+        problems += _reports(ablations, plans, confirmed, runs_dir, results_dir)
+    print(f"finished in {hms(time.monotonic() - start)}: {totals['ok']} run(s) ok, {totals['failed']} failed, "
+          f"{totals['copied']} copied, {totals['complete']} already complete")
     if problems:
         print("failed:\n" + "\n".join("  " + p for p in problems), file=sys.stderr)
         return 1

@@ -67,7 +67,8 @@ def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base:
             if per_cell_seeds and seed >= (cell.seeds or DEFAULT_SEEDS):
                 continue
             run_dir = Path(runs_dir) / ablation.name / cell.name / f"seed_{seed}"
-            paths = [Path(base), cell.path, *([Path(quick_config)] if quick_config else [])]
+            paths = [Path(base), cell.path, *([cell.overlay] if cell.overlay else []),
+                     *([Path(quick_config)] if quick_config else [])]
             args = [a for p in paths for a in ("--config", str(p))]
             args.append(f"--seed_everything={seed}")
             root = cell.data_root(environ)

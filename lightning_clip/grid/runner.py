@@ -1,9 +1,12 @@
-"""The one loop: run a list of jobs (training runs or evaluations) through an executor, at most
-``parallel`` at a time, costly ones first, never two with equal keys at once; report each start, success
-and failure; on Ctrl-C (or SIGTERM) cancel what runs and re-raise.
+"""The one loop: run jobs (training runs, evaluations, tuning trials) through an executor, at most
+``parallel`` at a time, never two with equal keys at once; report each start, success and failure; on
+Ctrl-C (or SIGTERM) cancel what runs and re-raise.
 
-What a job's success means, and whether a job can be satisfied without running (an equal finished run
-copied), is the store's: the loop asks the ``records`` object (`store.TrainingRuns`, `store.Evaluations`).
+Where jobs come from is a ``source``: a fixed list (`Jobs`: costly ones first) or one that creates them
+as slots free up (the tuning stage asks its study for the next trial). What a job's success means, whether
+it can be satisfied without running (an equal finished run copied) and whether a running job should stop
+early (a pruned trial) is the ``records`` object's (`store.TrainingRuns`, `store.Evaluations`,
+`tuning.Trials`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,34 @@ class Records(Protocol):
     def satisfy(self, job: Job) -> str | None: ...
     def prepare(self, job: Job) -> None: ...
     def record(self, job: Job, seconds: float, info: dict) -> None: ...
+    # optional: ``check(job) -> str | None`` while it runs (a reason to stop it early), then
+    # ``stopped(job, reason, seconds)`` once it is stopped; ``failed(job, reason)`` after a failure
+
+
+class Source(Protocol):
+    def next(self, active_keys: set[str]) -> Job | None: ...
+    def exhausted(self) -> bool: ...
+
+
+class Jobs:
+    """A fixed list of jobs, costly ones first (plan order among equals)."""
+
+    def __init__(self, jobs: Sequence[Job]):
+        self.pending = sorted(jobs, key=lambda j: -j.cost)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def next(self, active_keys: set[str]) -> Job | None:
+        """The first pending job that no active job equals (an equal job waits, to be satisfied from that
+        one when it finishes, instead of computing the same thing twice at once)."""
+        for i, job in enumerate(self.pending):
+            if job.key not in active_keys:
+                return self.pending.pop(i)
+        return None
+
+    def exhausted(self) -> bool:
+        return not self.pending
 
 
 class Executor(Protocol):
@@ -43,15 +74,6 @@ class Failure:
         return f"{self.job.label}: {self.reason}; log {self.log_path}"
 
 
-def _take_next(pending: list[Job], active_keys: set[str]) -> Job | None:
-    """Remove and return the first pending job that no active job equals (an equal job waits, to be
-    satisfied from that one when it finishes, instead of computing the same thing twice at once)."""
-    for i, job in enumerate(pending):
-        if job.key not in active_keys:
-            return pending.pop(i)
-    return None
-
-
 def _reason(rc: int | None, note: str) -> str | None:
     """Why a job failed, from its exit status (None: the executor could not tell) and the executor's note."""
     if rc == 0:
@@ -62,20 +84,21 @@ def _reason(rc: int | None, note: str) -> str | None:
     return f"{reason}, {note}" if note else reason
 
 
-def run_jobs(jobs: Sequence[Job], executor: Executor, records: Records, *, parallel: int = 1,
+def run_jobs(jobs: Sequence[Job] | Source, executor: Executor, records: Records, *, parallel: int = 1,
              progress: Progress | None = None, poll: float = 0.2) -> list[Failure]:
-    """Run every job; return the failures. A job succeeds when its process exits 0 and leaves its
-    ``output`` file. Ctrl-C stops the active jobs and re-raises."""
-    progress = progress or Progress(len(jobs), parallel)
-    pending = sorted(jobs, key=lambda j: -j.cost)  # stable: plan order among equals
+    """Run every job of ``jobs`` (a list, or a `Source`); return the failures. A job succeeds when its
+    process exits 0 and leaves its ``output`` file. Ctrl-C stops the active jobs and re-raises."""
+    source = jobs if hasattr(jobs, "exhausted") else Jobs(jobs)
+    progress = progress or Progress(len(source), parallel)
+    check, stopped = getattr(records, "check", None), getattr(records, "stopped", None)
     failures: list[Failure] = []
     active: dict[int, tuple[Job, object, float]] = {}
     try:
-        while pending or active:
-            while pending and len(active) < max(1, parallel):
-                job = _take_next(pending, {j.key for j, _, _ in active.values()})
+        while not source.exhausted() or active:
+            while len(active) < max(1, parallel):
+                job = source.next({j.key for j, _, _ in active.values()})
                 if job is None:
-                    break  # every pending job equals an active one: wait for it
+                    break  # nothing to start now (every pending job equals an active one: wait for it)
                 copied = records.satisfy(job)
                 if copied is not None:
                     progress.copied += 1
@@ -89,6 +112,14 @@ def run_jobs(jobs: Sequence[Job], executor: Executor, records: Records, *, paral
             for key, (job, handle, start) in list(active.items()):
                 ended = executor.poll(handle)
                 if ended is None:
+                    why = check(job) if check else None
+                    if why is not None:
+                        executor.cancel(handle)
+                        del active[key]
+                        seconds = time.monotonic() - start
+                        progress.finished.append(seconds)
+                        stopped(job, why, seconds)
+                        progress.event(f"stop   {job.label}: {why}  {seconds:.0f}s  {progress.summary()}")
                     continue
                 del active[key]
                 seconds = time.monotonic() - start
@@ -103,6 +134,8 @@ def run_jobs(jobs: Sequence[Job], executor: Executor, records: Records, *, paral
                     progress.event(f"ok     {job.label}  {name}{seconds:.0f}s  {progress.summary()}")
                 else:
                     failures.append(Failure(job, ended.returncode, reason))
+                    if getattr(records, "failed", None):
+                        records.failed(job, reason)
                     progress.failed += 1
                     progress.event(f"FAILED {job.label} ({reason}, {seconds:.0f}s): log {job.log_path}\n"
                                    f"{tail(job.log_path)}\n  {progress.summary()}")

@@ -24,6 +24,12 @@ from lightning_clip.grid.plan import Run
 
 STAMP, LOG, PID_FILE, METRICS, MANIFEST = "DONE", "run.log", "PID", "final_metrics.json", "ablation.json"
 EVAL_FILE, EVAL_LOG = "eval.json", "eval.log"
+
+
+def eval_files(split: str = "val") -> tuple[str, str]:
+    """The evaluation's output and log in a run folder: eval.json for the validation split,
+    eval_<split>.json for another (what `python -m lightning_clip eval --split` writes)."""
+    return (EVAL_FILE, EVAL_LOG) if split == "val" else (f"eval_{split}.json", f"eval_{split}.log")
 JOB_FILE = "JOB"  # the SLURM job id of a run, beside its run.log
 LOCK_FILE = ".ablate.lock"
 
@@ -166,28 +172,30 @@ class Evaluations:
         pass
 
 
-def evaluations_to_do(runs: Sequence[Run]) -> tuple[list[Run], list[tuple[Run, Path]]]:
-    """The complete runs without eval.json to evaluate (a copied run's original instead of the copy, once),
-    and the (copy, original) pairs whose eval.json is shared after."""
+def evaluations_to_do(runs: Sequence[Run], split: str = "val") -> tuple[list[Run], list[tuple[Run, Path]]]:
+    """The complete runs without the split's eval file to evaluate (a copied run's original instead of
+    the copy, once), and the (copy, original) pairs whose file is shared after."""
+    out = eval_files(split)[0]
     todo: list[Run] = []
     copies: list[tuple[Run, Path]] = []
     for r in runs:
-        if state(r) != "done" or (r.run_dir / EVAL_FILE).exists():
+        if state(r) != "done" or (r.run_dir / out).exists():
             continue
         source = (read_stamp(r.run_dir) or {}).get("copied_from")
         if source:
             copies.append((r, Path(source)))
-            if not (Path(source) / EVAL_FILE).exists() and all(t.run_dir != Path(source) for t in todo):
+            if not (Path(source) / out).exists() and all(t.run_dir != Path(source) for t in todo):
                 todo.append(dataclasses.replace(r, run_dir=Path(source)))
         elif all(t.run_dir != r.run_dir for t in todo):
             todo.append(r)
     return todo, copies
 
 
-def share_evaluations(copies: Sequence[tuple[Run, Path]]) -> None:
+def share_evaluations(copies: Sequence[tuple[Run, Path]], split: str = "val") -> None:
+    out = eval_files(split)[0]
     for run, source in copies:
-        if (source / EVAL_FILE).exists():
-            shutil.copy2(source / EVAL_FILE, run.run_dir / EVAL_FILE)
+        if (source / out).exists():
+            shutil.copy2(source / out, run.run_dir / out)
 
 
 def write_manifest(ablation: Ablation, runs_dir: Path, seeds: Sequence[int]) -> None:
