@@ -42,10 +42,12 @@ def test_quick_ablation_survives_kill_and_resumes(tmp_path, monkeypatch):
     # quick mode keeps its own folders, so it never mixes with a full run's stamps
     runs, results = runs / "quick", results / "quick"
     stamps = sorted(p.parent.relative_to(runs).as_posix() for p in runs.glob("**/DONE"))
-    assert stamps == ["losses/infonce/seed_0", "losses/siglip/seed_0"]
+    assert stamps == ["losses/infonce/seed_0", "losses/siglip/seed_0",
+                      "losses_tuned/infonce/seed_0", "losses_tuned/siglip/seed_0"]  # default recipe, then tuned
     assert all((runs / s / "final_metrics.json").is_file() for s in stamps)
-    table = (results / "losses.md").read_text()
-    assert "infonce" in table and "siglip" in table
+    table = (results / "losses.md").read_text()  # the confirm stage's test-split table
+    assert "infonce" in table and "siglip" in table and "held-out test split" in table
+    assert (results / "losses_default.md").is_file() and (results / "losses_tuning.md").is_file()
 
     # a third call has nothing left to do
     again = subprocess.run(_runner(runs.parent, results.parent), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

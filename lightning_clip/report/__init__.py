@@ -18,18 +18,25 @@ scorer with random tie-breaking on the synthetic world) under the table, or as c
 An ablation whose manifest declares ``report.plateau`` gets a plateau table (`budget.plateau_summary`), and
 one with ``report.budget_against`` the gap between that ablation's runs and its own (`budget.budget_gaps`).
 
-Modules: `stats` (intervals, differences, ranks), `load` (the manifest and one walk over the runs),
-`settings`, `columns`, `tables` (rows, CSV, markdown), `ranking`, `budget`, `plots`, `write`, `cli`.
+An ablation with a tuning stage also gets `tuning` (results/<ablation>_tuning.md: every trial) and `confirm`
+(results/<ablation>.md: default vs tuned on the test split, Holm-adjusted, with equivalence verdicts); its
+default-recipe table is then results/<ablation>_default.md.
+
+Modules: `stats` (intervals, differences, ranks, Holm, TOST), `load` (the manifest and one walk over the runs),
+`settings`, `columns`, `tables` (rows, CSV, markdown), `ranking`, `budget`, `plots`, `tuning`, `confirm`,
+`write`, `cli`.
 The names below are the notebook's too (notebooks/compare_losses.ipynb), so it and the tables cannot disagree.
 """
 from lightning_clip.report.budget import CONVERGENCE_TAGS
+from lightning_clip.report.confirm import write_confirm
 from lightning_clip.report.load import Run, curves_of, load_runs, metrics_of, read_manifest
 from lightning_clip.report.plots import plot_bars, plot_curves, save_figure
 from lightning_clip.report.ranking import RANKING_TAGS
 from lightning_clip.report.settings import CURVE_TAGS, ReportSettings, settings_of
 from lightning_clip.report.tables import format_markdown, read_csv, summarize
+from lightning_clip.report.tuning import write_tuning
 from lightning_clip.report.write import write_report
 
 __all__ = ["CONVERGENCE_TAGS", "CURVE_TAGS", "RANKING_TAGS", "ReportSettings", "Run", "curves_of", "format_markdown",
            "load_runs", "metrics_of", "plot_bars", "plot_curves", "read_csv", "read_manifest", "save_figure",
-           "settings_of", "summarize", "write_report"]
+           "settings_of", "summarize", "write_confirm", "write_report", "write_tuning"]

@@ -115,3 +115,40 @@ def kendall(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, floa
         return math.nan, math.nan
     res = stats.kendalltau([a[c] for c in cells], [b[c] for c in cells])
     return float(res.statistic), float(res.pvalue)
+
+
+# -- many comparisons at once: the confirm stage's table ---------------------------------------------------
+def paired_p(cell: Mapping[int, float], baseline: Mapping[int, float]) -> float:
+    """Two-sided paired t-test p-value of cell − baseline over the seeds both have (NaN with fewer than
+    two; a constant nonzero difference is p = 0, a constant zero p = 1)."""
+    d = np.asarray([cell[s] - baseline[s] for s in sorted(set(cell) & set(baseline))], dtype=float)
+    if len(d) < 2:
+        return math.nan
+    if float(d.std(ddof=1)) == 0.0:
+        return 0.0 if float(d.mean()) != 0.0 else 1.0
+    return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment: the k-th smallest of m p-values times (m − k + 1), made monotone and
+    capped at 1. It keeps the family-wise error rate at the level used, for any dependence between tests."""
+    finite = sorted(((p, k) for k, p in pvalues.items() if math.isfinite(p)))
+    m, running, out = len(finite), 0.0, {k: math.nan for k in pvalues}
+    for i, (p, k) in enumerate(finite):
+        running = max(running, min(1.0, (m - i) * p))
+        out[k] = running
+    return out
+
+
+def tost(cell: Mapping[int, float], baseline: Mapping[int, float], margin: float) -> float:
+    """Two one-sided paired t-tests of |cell − baseline| < margin: the larger of the two p-values (NaN
+    with fewer than two seeds). Below the level, the two are equivalent within the margin."""
+    d = np.asarray([cell[s] - baseline[s] for s in sorted(set(cell) & set(baseline))], dtype=float)
+    if len(d) < 2:
+        return math.nan
+    if float(d.std(ddof=1)) == 0.0:
+        return 0.0 if abs(float(d.mean())) < margin else 1.0
+    above = stats.ttest_1samp(d, -margin, alternative="greater").pvalue
+    below = stats.ttest_1samp(d, margin, alternative="less").pvalue
+    return float(max(above, below))
+
