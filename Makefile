@@ -19,6 +19,7 @@ ARGS     ?=
 RUN      ?=
 SPLIT    ?=
 CONFIG   ?= experiments/base.yaml
+TB_PORT  ?= 6006
 
 .PHONY: help install data train smoke eval ablate convergence test test-slow tensorboard bench bench-gpu clean
 
@@ -58,8 +59,9 @@ test: install  ## the test suite without the slow end-to-end tests (< 5 min)
 test-slow: install  ## only the slow end-to-end tests
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow -q
 
-tensorboard: install  ## TensorBoard over runs/ (or runs/$(ABLATION))
-	$(VENV)/bin/tensorboard --logdir runs/$(ABLATION) --bind_all
+tensorboard: install  ## TensorBoard over runs/, or runs/[quick/]$(ABLATION): that ablation's comparison page (QUICK=1 for its quick runs)
+	@echo "the comparison: http://localhost:$(TB_PORT)/#custom_scalars (README: Comparing in TensorBoard)"
+	$(VENV)/bin/tensorboard --logdir runs/$(if $(QUICK),quick/)$(ABLATION) --port $(TB_PORT) --bind_all
 
 bench: install  ## the benchmark scripts (figures go to stdout; see BENCHMARKS.md)
 	$(PY) benchmarks/loss_memory.py --sizes 4096 8192 16384

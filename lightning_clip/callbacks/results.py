@@ -22,6 +22,10 @@ FILENAME = "final_metrics.json"
 #: scalar tags the HPARAMS tab shows next to each run's settings
 HPARAM_METRICS = ("val/t2i/R@1", "val/i2t/R@1", "val/t2i/R@5", "val/i2t/R@5", "val/semantic/t2i/R@1",
                   "val/semantic/i2t/R@1", "val/loss")
+#: set to "report" by the ablation runner: the ablation's report writes this run's HPARAMS session (the
+#: factors the ablation varies, lightning_clip/report/tensorboard.py), so the run writes none of its own
+#: (TensorBoard shows the first session a run holds)
+HPARAMS_ENV = "LIGHTNING_CLIP_HPARAMS"
 
 
 def run_dir(trainer) -> str:
@@ -61,7 +65,7 @@ class ResultsCallback(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # After Lightning's own hparams call (made between on_fit_start and on_train_start), so this
         # session description is the one TensorBoard shows.
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and os.environ.get(HPARAMS_ENV) != "report":
             self.log_hparams(trainer, pl_module)
 
     @staticmethod

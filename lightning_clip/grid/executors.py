@@ -54,7 +54,9 @@ def forkable(command: Sequence[str], fork: bool) -> bool:
 
 
 def worker_env(parallel: int) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the report writes each run's HPARAMS session with the ablation's factors; the run then writes none
+    # (callbacks/results.py HPARAMS_ENV)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", LIGHTNING_CLIP_HPARAMS="report")
     if parallel > 1 and "OMP_NUM_THREADS" not in env:  # parallel runs should not fight over the cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     return env

@@ -87,4 +87,4 @@ def run_cell(command: Sequence[str], folder: str, log_name: str = "run.log") -> 
     log = Path(folder) / (log_name if rank == 0 else f"{stem}.rank{rank}.log")
     with open(log, "ab") as out:
         return subprocess.call(list(command), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", LIGHTNING_CLIP_HPARAMS="report"))
