@@ -128,6 +128,14 @@ def test_every_cell_gets_the_same_budget_and_the_best_complete_trial_is_chosen(t
 
 
 def test_a_changed_cell_is_tuned_again_and_no_tune_skips_both_stages(tuned_project):
+    assert cli.main(["--ablation", "toy", "--no-report", "--stages", "tune"]) == 0  # the tuning stage alone
+    assert (tuned_project / "runs/toy/_tuning/study.db").is_file() and not (tuned_project / "runs/toy/a").exists()
+    assert not (tuned_project / "runs/toy_tuned").exists()
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--stages", "tune,typo"])
+    (tuned_project / "results/toy_tuning.yaml").unlink()
+    for folder in ("runs", "calls.jsonl"):
+        subprocess.run(["rm", "-rf", str(tuned_project / folder)], check=True)
     assert cli.main(["--ablation", "toy", "--no-report", "--no-tune"]) == 0
     assert not (tuned_project / "runs/toy/_tuning").exists() and not (tuned_project / "runs/toy_tuned").exists()
     assert cli.main(["--ablation", "toy", "--no-report"]) == 0

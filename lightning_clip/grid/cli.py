@@ -93,6 +93,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "this process after one import of torch, Lightning and the towers)")
     p.add_argument("--dry-run", action="store_true", help="print the plan with each run's state, run nothing")
     p.add_argument("--no-report", action="store_true", help="run only; write no tables or plots")
+    p.add_argument("--stages", default="grid,tune,confirm", metavar="LIST",
+                   help="which stages to run, comma-separated (default grid,tune,confirm): grid = the cells' "
+                        "default-recipe runs; tune and confirm only for ablations that declare them")
     p.add_argument("--no-tune", action="store_true",
                    help="skip the tuning and confirm stages of ablations that declare them (`tune:` in _ablation.yaml)")
     p.add_argument("--retune", action="store_true",
@@ -115,6 +118,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--jobs must be >= 1")
     if args.seeds is not None and args.seeds < 1:
         p.error("--seeds must be >= 1")
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(args.stages) - {"grid", "tune", "confirm"})
+    if unknown or not args.stages:
+        p.error(f"--stages: unknown stage(s) {unknown}; choose from grid, tune, confirm")
+    if args.no_tune:
+        args.stages = [s for s in args.stages if s == "grid"]
     return args
 
 
@@ -146,9 +155,8 @@ def _reports(ablations, plans, confirmed, runs_dir: Path, results_dir: Path) -> 
     jobs = [(a.name, lambda a=a: report.write_report(a.name, runs_dir=runs_dir, results_dir=results_dir,
                                                      out=f"{a.name}_default" if a.tune else a.name))
             for a in ablations if plans[a.name]]
-    for name, conf in confirmed.items():
+    for name, (conf, margin) in confirmed.items():
         jobs.append((conf.name, lambda c=conf: report.write_report(c.name, runs_dir=runs_dir, results_dir=results_dir)))
-        margin = stages.confirm_settings(next(a for a in ablations if a.name == name))["margin"]
         jobs.append((name, lambda n=name, m=margin: report.write_confirm(n, runs_dir=runs_dir, results_dir=results_dir,
                                                                             margin=m)))
     for name, write in jobs:
@@ -223,15 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 executor, poll = Slurm(opts, Path(opts["folder"] or runs_dir / ".submitit")), opts["poll_s"]
             for a in ablations:
                 store.write_manifest(a, runs_dir, seeds[a.name])
-            failures = train(runs)
-            if evaluating:
-                stage = "evaluation"
-                failures += evaluate(runs, local, args.jobs, args.quick)
-            for a in (a for a in ablations if a.tune and not args.no_tune):
-                stage = f"the tuning of {a.name}"
+            failures = []
+            if "grid" in args.stages:
+                failures += train(runs)
+                if evaluating:
+                    stage = "evaluation"
+                    failures += evaluate(runs, local, args.jobs, args.quick)
+            for a in (a for a in ablations if a.tune):
                 common = dict(base=args.base, extra=args.extra, quick_config=QUICK_CONFIG if args.quick else None)
-                failures += stages.tune(a, runs_dir=runs_dir, results_dir=results_dir, prefix=prefix, executor=executor,
-                                        parallel=args.jobs, storage=args.tune_storage, retune=args.retune, **common)
+                if "tune" in args.stages:
+                    stage = f"the tuning of {a.name}"
+                    failures += stages.tune(a, runs_dir=runs_dir, results_dir=results_dir, prefix=prefix,
+                                            executor=executor, parallel=args.jobs, storage=args.tune_storage,
+                                            retune=args.retune, **common)
+                if "confirm" not in args.stages:
+                    continue
                 stage = f"the confirm stage of {a.name}"
                 conf = stages.confirm_ablation(a, runs_dir, results_dir)
                 if conf is None:
@@ -240,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store.write_manifest(conf, runs_dir, conf_seeds)
                 conf_runs = plan_runs(conf, conf_seeds, runs_dir, **common)
                 failures += train(conf_runs)
-                confirmed[a.name] = conf
+                confirmed[a.name] = (conf, stages.confirm_settings(a, args.quick)["margin"])
                 if evaluating:
                     failures += evaluate(conf_runs, local, args.jobs, args.quick)
                     failures += evaluate(plans[a.name] + conf_runs, local, args.jobs, args.quick, split="test")
@@ -254,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     problems = [str(f) for f in failures]
     if not args.no_report:
-        problems += _reports(ablations, plans, confirmed, runs_dir, results_dir)
+        problems += _reports([a for a in ablations if "grid" in args.stages], plans, confirmed, runs_dir, results_dir)
     print(f"finished in {hms(time.monotonic() - start)}: {totals['ok']} run(s) ok, {totals['failed']} failed, "
           f"{totals['copied']} copied, {totals['complete']} already complete")
     if problems:
