@@ -56,6 +56,21 @@ def _cheap_cuda_probe() -> None:
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
 
 
+class RunLogger(TensorBoardLogger):
+    """The run's TensorBoard logger, less two idle cards: Lightning's automatic ``epoch`` scalar (the step
+    axis says where a run is; final_metrics.json keeps the epoch) and a counter while it is zero
+    (``data/skipped``: a flat zero for any healthy run; logged from its first non-zero value on, and
+    always in final_metrics.json, which reads the trainer's metrics, not the events)."""
+    #: logged only once non-zero
+    QUIET_WHILE_ZERO = ("data/skipped",)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        metrics = {k: v for k, v in metrics.items()
+                   if k != "epoch" and not (k in self.QUIET_WHILE_ZERO and float(v) == 0)}
+        if metrics:
+            super().log_metrics(metrics, step)
+
+
 class ClipCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--experiment", type=str, default="default",
@@ -76,20 +91,20 @@ class ClipCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
             super().parse_arguments(parser, args)
 
-    def _logger(self) -> TensorBoardLogger:
+    def _logger(self) -> RunLogger:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.get("run_dir"):
             run_dir = os.path.normpath(cfg["run_dir"])
             # save_dir/name/version with an empty version is exactly run_dir
-            return TensorBoardLogger(save_dir=os.path.dirname(run_dir) or ".", name=os.path.basename(run_dir),
-                                     version="", default_hp_metric=False)
+            return RunLogger(save_dir=os.path.dirname(run_dir) or ".", name=os.path.basename(run_dir),
+                             version="", default_hp_metric=False)
         name = cfg.get("experiment") or "default"
         version = None  # the next version_<n>
         if cfg.get("ckpt_path") == "last":
             # resume the experiment's latest run instead of looking for a checkpoint in a new, empty one
             found = [int(p.name[8:]) for p in Path("runs", name).glob("version_*") if p.name[8:].isdigit()]
             version = max(found) if found else None
-        return TensorBoardLogger(save_dir="runs", name=name, version=version, default_hp_metric=False)
+        return RunLogger(save_dir="runs", name=name, version=version, default_hp_metric=False)
 
     def _run_subcommand(self, subcommand: str) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException

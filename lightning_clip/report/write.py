@@ -15,6 +15,7 @@ from .budget import budget_gaps, format_budget, format_plateau, plateau_summary
 from .load import curves_of, load_runs, metrics_of, read_manifest
 from .ranking import RANKING_TAGS, format_ranking, ranking_csv, ranking_stability
 from .settings import settings_of
+from .tensorboard import write_tensorboard
 from .tables import format_markdown, series_differences, summarize, to_csv
 
 
@@ -55,6 +56,8 @@ def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_di
     md = format_markdown(rows, ablation, source=ablation_dir.as_posix(), stamp=stamp,
                          series=series_differences(metrics, baseline), sections=sections)
 
+    # the ablation's TensorBoard page (summary runs, layout, hparams sessions) under runs/<ablation>/
+    write_tensorboard(ablation, ablation_dir, manifest, runs)
     results_dir = Path(results_dir)
     written = {
         "csv": atomic_write(results_dir / f"{ablation}.csv", to_csv(rows)),
