@@ -111,14 +111,9 @@ def quick_runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tb")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # no evaluation suite and no tuning stage: this page needs the runs' events, and the time is make test's
-    from lightning_clip.grid.cli import parse_args
-
-    try:
-        no_tune = ["--no-tune"] if parse_args(["--no-tune"]).no_tune else []
-    except SystemExit:  # a runner without a tuning stage
-        no_tune = []
+    # (the trials' sessions: test_trials_are_sessions_of_their_own)
     done = subprocess.run([sys.executable, "-m", "lightning_clip.ablate", "--quick", "--ablation", "losses", "--no-eval",
-                           *no_tune, "--runs-dir", str(root / "runs"), "--results-dir", str(root / "results")],
+                           "--no-tune", "--runs-dir", str(root / "runs"), "--results-dir", str(root / "results")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return root / "runs" / "quick" / "losses"
@@ -248,3 +243,35 @@ def test_runs_of_the_runner_leave_their_hparams_session_to_the_report():
     from lightning_clip.grid.executors import worker_env
 
     assert worker_env(1)[HPARAMS_ENV] == worker_env(2)[HPARAMS_ENV] == "report"
+
+
+def test_trials_are_sessions_of_their_own(tmp_path):
+    """A tuning trial (runs/<ablation>/_tuning/<cell>/trial_<n>/) gets a session in its own group, with the
+    tuned keys of its trial.yaml as columns beside the cells' factors."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from lightning_clip.report.load import load_runs
+
+    root = tmp_path / "abl"
+    (root / "c" / "seed_0").mkdir(parents=True)
+    trial = root / T.TUNING / "c" / "trial_003"
+    trial.mkdir(parents=True)
+    (root / "c.yaml").write_text("model:\n  loss: infonce\n")
+    for d, lr in ((root / "c" / "seed_0", 0.001), (trial, 0.004)):
+        (d / "final_metrics.json").write_text("{}")
+        (d / "config.yaml").write_text(f"model:\n  loss: infonce\n  lr: {lr}\n")
+    (trial / "trial.yaml").write_text("model:\n  lr: 0.004\n")
+    manifest = {"cells": [{"name": "c", "config": str(root / "c.yaml")}]}
+    T.write_tensorboard("abl", root, manifest, load_runs(root, ["c"]))
+
+    def session(d):
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        return metadata.parse_session_start_info_plugin_data(
+            acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
+
+    seed, tried = session(root / "c" / "seed_0"), session(trial)
+    assert seed.group_name == "c" and tried.group_name == "c/trial_003"
+    assert tried.hparams["model.lr"].number_value == 0.004 and seed.hparams["model.lr"].number_value == 0.001
+    assert tried.hparams["model.loss"].string_value == "infonce"
