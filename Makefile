@@ -47,8 +47,8 @@ eval: install  ## the evaluation suite on a run's checkpoint: make eval RUN=runs
 	@test -n "$(RUN)" || { echo 'make eval needs RUN=<run folder or checkpoint>'; exit 2; }
 	$(PY) -m lightning_clip eval --ckpt_path=$(RUN) $(if $(SPLIT),--split=$(SPLIT))
 
-ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1, EXECUTOR=slurm)
-	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS) $(if $(EXECUTOR),--executor $(EXECUTOR))
+ablate: install  ## run the ablation grid into runs/ and write results/ (ABLATION=, SEEDS=3, QUICK=1, EXECUTOR=slurm, STAGES=grid,tune,confirm)
+	$(PY) -m lightning_clip.ablate $(if $(ABLATION),--ablation $(ABLATION)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(QUICK),--quick) --jobs $(JOBS) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(STAGES),--stages $(STAGES))
 
 convergence: install  ## the convergence study that sets base.yaml's budget (every family at 3,200 steps; 32 min on 2 cores)
 	$(PY) -m lightning_clip.ablate --ablation convergence --jobs $(JOBS)
