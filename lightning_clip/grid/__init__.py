@@ -5,7 +5,9 @@
     store.py      the one owner of "what is finished": stamps, states, equal-run copies, the lock
     executors.py  how a run is started, polled and cancelled: forked, fresh interpreter, SLURM (submitit)
     fork.py       the forked launcher the local executor uses
-    runner.py     the one loop over a list of jobs (training runs and evaluations alike)
+    runner.py     the one loop over jobs (training runs, evaluations and tuning trials alike)
+    tuning.py     the tuning stage: an Optuna study per cell whose trials are jobs of the loop
+    stages.py     the tune and confirm stages of an ablation that declares them
     progress.py   what the loop prints
     cli.py        the command line: plan, run, evaluate, report
 

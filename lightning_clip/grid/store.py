@@ -43,7 +43,7 @@ class Job:
     log_name: str            # the process's stdout and stderr, in ``folder``
     output: str              # the file a successful job leaves in ``folder``
     key: str                 # jobs with equal keys never run at once (the later one is copied instead)
-    run: Run
+    run: Run | None          # the run it trains or evaluates (None: a tuning trial, whose study owns it)
     cost: int = 0            # the loop starts costly jobs first
 
     @property
