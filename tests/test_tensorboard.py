@@ -275,3 +275,23 @@ def test_trials_are_sessions_of_their_own(tmp_path):
     assert seed.group_name == "c" and tried.group_name == "c/trial_003"
     assert tried.hparams["model.lr"].number_value == 0.004 and seed.hparams["model.lr"].number_value == 0.001
     assert tried.hparams["model.loss"].string_value == "infonce"
+
+
+def test_a_run_with_its_own_session_is_named(tmp_path):
+    """TensorBoard shows the first session a run holds: a run that wrote its own (started outside the runner)
+    hides the report's, and the report says so."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    from lightning_clip.report.load import load_runs
+
+    run = tmp_path / "abl" / "c" / "seed_0"
+    run.mkdir(parents=True)
+    (run / "final_metrics.json").write_text("{}")
+    with SummaryWriter(str(run)) as w:
+        for summary in hparams({"loss": "infonce", "lr": 0.001}, {"val/t2i/R@1": 0.0}):
+            w.file_writer.add_summary(summary)
+        w.add_scalar("val/t2i/R@1", 0.5, 10)
+    manifest = {"cells": [{"name": "c", "config": "gone.yaml"}]}
+    with pytest.warns(UserWarning, match="1 run.*HPARAMS session of their own"):
+        T.write_tensorboard("abl", tmp_path / "abl", manifest, load_runs(tmp_path / "abl", ["c"]))

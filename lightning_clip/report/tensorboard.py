@@ -28,6 +28,7 @@ import math
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -83,9 +84,12 @@ def chart_tags(present: Sequence[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def read_scalars(run_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{tag: (steps, values)} of every scalar in the run's own event files (not this module's)."""
+def read_scalars(run_dir: str | os.PathLike, own_sessions: set | None = None
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tag: (steps, values)} of every scalar in the run's own event files (not this module's); adds
+    ``run_dir`` to ``own_sessions`` when those files hold an HPARAMS session."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
 
     out: dict[str, tuple[list, list]] = {}
     for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
@@ -93,6 +97,11 @@ def read_scalars(run_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.n
             continue
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
         acc.Reload()
+        try:
+            if own_sessions is not None and metadata.SESSION_START_INFO_TAG in acc.PluginTagToContent(metadata.PLUGIN_NAME):
+                own_sessions.add(Path(run_dir))
+        except KeyError:  # no hparams data in this file
+            pass
         for tag in acc.Tags().get("scalars", []):
             steps, values = out.setdefault(tag, ([], []))
             for e in acc.Scalars(tag):
@@ -226,7 +235,8 @@ def write_tensorboard(ablation: str, ablation_dir: str | os.PathLike, manifest: 
     summary_dir = ablation_dir / SUMMARY
     now = time.time()
     finished = [run for by_seed in runs.values() for run in by_seed.values()]
-    scalars = {run.path: with_rsum(read_scalars(run.path)) for run in finished}
+    own_sessions: set[Path] = set()
+    scalars = {run.path: with_rsum(read_scalars(run.path, own_sessions)) for run in finished}
     categories = chart_tags(sorted({t for s in scalars.values() for t in s}))
     tags = [t for _, ts in categories for t in ts]
 
@@ -250,10 +260,14 @@ def write_tensorboard(ablation: str, ablation_dir: str | os.PathLike, manifest: 
                                   _event(experiment(keys, sessions), 0, now)])
     for group, path in [(r.cell, r.path) for r in finished] + trials:
         events = [_event(hp.hparams_pb(sessions[str(path)], trial_id=group, start_time_secs=now), 0, now)]
-        own = scalars[path] if path in scalars else with_rsum(read_scalars(path))
+        own = scalars[path] if path in scalars else with_rsum(read_scalars(path, own_sessions))
         if RSUM in own:
             events += [_scalar(RSUM, v, s, now) for s, v in zip(*own[RSUM])]
         _replace_events(path, events)
+    if own_sessions:
+        warnings.warn(f"{len(own_sessions)} run(s) of '{ablation}' hold an HPARAMS session of their own (started "
+                      f"outside the runner, or before it left sessions to the report), which TensorBoard shows "
+                      f"instead of the ablation's, e.g. {sorted(own_sessions)[0]}", stacklevel=2)
     return summary_dir
 
 
