@@ -24,7 +24,8 @@ default-recipe table is then results/<ablation>_default.md.
 
 Modules: `stats` (intervals, differences, ranks, Holm, TOST), `load` (the manifest and one walk over the runs),
 `settings`, `columns`, `tables` (rows, CSV, markdown), `ranking`, `budget`, `plots`, `tuning`, `confirm`,
-`write`, `cli`.
+`factors` and `tensorboard` (the ablation's TensorBoard page: runs/<ablation>/_summary/, the README's "Comparing
+in TensorBoard"), `write`, `cli`.
 The names below are the notebook's too (notebooks/compare_losses.ipynb), so it and the tables cannot disagree.
 """
 from lightning_clip.report.budget import CONVERGENCE_TAGS
