@@ -24,10 +24,12 @@ def _machine() -> str:
 
 
 def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_dir: str | os.PathLike = "results",
-                 *, plots: bool = True, curve_tags: Sequence[str] | None = None) -> dict[str, Path]:
+                 *, plots: bool = True, curve_tags: Sequence[str] | None = None,
+                 out: str | None = None) -> dict[str, Path]:
     """Everything for one ablation; returns {kind: path} of what it wrote (csv, md, and where there is
     something to show: ranking, bars, curves). The curves' panels, the plateau table and the budget table
-    are what the ablation's manifest declares (`settings`); ``curve_tags`` overrides the panels."""
+    are what the ablation's manifest declares (`settings`); ``curve_tags`` overrides the panels. ``out``
+    names the files (default: the ablation's name)."""
     ablation_dir = Path(runs_dir) / ablation
     if not ablation_dir.is_dir():
         raise FileNotFoundError(f"no runs for ablation '{ablation}': {ablation_dir} does not exist")
@@ -59,6 +61,7 @@ def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_di
     # the ablation's TensorBoard page (summary runs, layout, hparams sessions) under runs/<ablation>/
     write_tensorboard(ablation, ablation_dir, manifest, runs)
     results_dir = Path(results_dir)
+    ablation = out or ablation
     written = {
         "csv": atomic_write(results_dir / f"{ablation}.csv", to_csv(rows)),
         "md": atomic_write(results_dir / f"{ablation}.md", md),
