@@ -27,7 +27,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_clip.callbacks import default_callbacks
 from lightning_clip.callbacks.results import FILENAME
 from lightning_clip.data import ClipDataModule
+from lightning_clip.data.shards import ShardsNotFound
 from lightning_clip.module import ClipModule
+from lightning_clip.runfolder import (UNFINISHED, RunFolderLock, UserError, check_checkpoint, mark_unfinished,
+                                      write_error)
+
+#: Lightning's own names for --ckpt_path, not files
+_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
 def _share_cores(datamodule) -> None:
@@ -71,6 +77,50 @@ class RunLogger(TensorBoardLogger):
             super().log_metrics(metrics, step)
 
 
+class _Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that a checkpoint whose write fails (a full disk) is removed
+    and the error names its path: a partial file must not be taken for a checkpoint."""
+
+    @property
+    def state_key(self) -> str:  # the parent's: checkpoints keep resuming across this subclass
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as e:
+            if trainer.is_global_zero:
+                Path(filepath).unlink(missing_ok=True)
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror or str(e), filepath) from e
+            raise
+
+
+def _yaml_syntax(args: list[str]) -> None:
+    """Name the file and line of a YAML syntax error in a --config file (the parser reads the file's text
+    and reports it as "<unicode string>")."""
+    import yaml
+
+    for i, a in enumerate(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
+            path = args[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            continue
+        if not os.path.isfile(path):
+            continue  # the parser reports a missing file itself
+        try:
+            with open(path, encoding="utf-8") as f:
+                for _ in yaml.parse(f, Loader=yaml.SafeLoader):  # syntax only: no tags are constructed
+                    pass
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise UserError(f"--config {path}{where}: YAML syntax error: "
+                            f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+
+
 class ClipCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--experiment", type=str, default="default",
@@ -89,7 +139,27 @@ class ClipCLI(LightningCLI):
         # caller (pytest's own options), so Lightning's warning about having both is noise no user can act on
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+            if args is None or isinstance(args, (list, tuple)):
+                _yaml_syntax([str(a) for a in (sys.argv[1:] if args is None else args)])
             super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads an explicit checkpoint's hyperparameters first: a damaged file is named here
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in _CKPT_NAMES:
+            check_checkpoint(Path(ckpt))
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        # the configured values are checked as the model, data module and trainer are built: an error
+        # raised here is the user's input (the option names itself in the message), not a bug
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            super().instantiate_classes()
+        except (ValueError, OSError, MisconfigurationException) as e:
+            raise UserError(str(e).strip() or type(e).__name__) from e
 
     def _logger(self) -> RunLogger:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -116,38 +186,68 @@ class ClipCLI(LightningCLI):
             # ablation runner would take for a finished run (final_metrics.json exists after a validation)
             raise SystemExit(f"{subcommand} stopped by SIGTERM at global step {self.trainer.global_step}; "
                              "resume it with --ckpt_path=last") from e
+        except ShardsNotFound as e:  # data.*_shards, expanded when the data is set up
+            raise UserError(str(e)) from e
+        except Exception as e:
+            failed = write_error(e)
+            if failed is None or subcommand != "fit":
+                raise
+            # a run is finished only when everything it writes is written: the metrics of a run whose
+            # checkpoint (or metrics) could not be written must not read as a finished run's
+            run_dir = self._run_dir()
+            moved = mark_unfinished(run_dir, FILENAME) if run_dir is not None else None
+            raise SystemExit(f"error: fit failed to write {failed.filename or 'a file'} at global step "
+                             f"{self.trainer.global_step}: {failed.strerror or failed}"
+                             + (f"; the run is not finished ({FILENAME} moved to {moved.name})" if moved else "")
+                             + "; free space, then resume with --ckpt_path=last") from e
+        finally:
+            lock = getattr(self, "_lock", None)
+            if lock is not None:
+                lock.release()
+
+    def _run_dir(self) -> Optional[Path]:
+        logger = self.trainer.logger
+        return Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
 
     def before_fit(self) -> None:
         """Resume or refuse before anything is written: `--ckpt_path=last` resumes the run folder's
         checkpoints/last.ckpt (an error if there is none, or if the run already reached max_steps); a folder
         that holds a run (final_metrics.json) is not started over without `--overwrite=true`."""
         cfg = self.config[self.subcommand]
-        logger = self.trainer.logger
-        run_dir = Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
-        if run_dir is None:
-            return
-        metrics = run_dir / FILENAME
+        _refuse_idle(self.trainer)
         ckpt = cfg.get("ckpt_path")
+        run_dir = self._run_dir()
+        if run_dir is None:
+            if ckpt is not None and ckpt not in _CKPT_NAMES:
+                check_checkpoint(Path(ckpt))
+            return
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--run_dir={run_dir} is a file, not a folder; choose another --run_dir")
+        self._lock = RunFolderLock(run_dir).acquire()
+        metrics = run_dir / FILENAME
+        if ckpt is not None and ckpt not in _CKPT_NAMES:
+            check_checkpoint(Path(ckpt))
         if ckpt == "last":
             last = run_dir / "checkpoints" / "last.ckpt"
             if not last.is_file():
-                raise SystemExit(f"error: --ckpt_path=last: {run_dir} holds no checkpoints/last.ckpt to resume "
+                raise UserError(f"error: --ckpt_path=last: {run_dir} holds no checkpoints/last.ckpt to resume "
                                  "(a run keeps one unless trainer.enable_checkpointing=false); start a new run "
                                  "without --ckpt_path, or give --run_dir (or --experiment) of the run to resume")
             step = _finished_step(metrics)
             max_steps = self.trainer.max_steps
             if step is not None and max_steps is not None and 0 < max_steps <= step:
-                raise SystemExit(f"error: --ckpt_path=last: the run in {run_dir} already reached step {step} "
+                raise UserError(f"error: --ckpt_path=last: the run in {run_dir} already reached step {step} "
                                  f"(trainer.max_steps={max_steps}); raise trainer.max_steps to train it further")
+            check_checkpoint(last, "--ckpt_path=last")
             self.config_init[self.subcommand]["ckpt_path"] = str(last)
-        elif ckpt is None and metrics.exists():
+        elif ckpt is None and (metrics.exists() or (run_dir / UNFINISHED).exists()):
             if not cfg.get("overwrite"):
-                raise SystemExit(f"error: {run_dir} already holds a run ({FILENAME}, step "
+                raise UserError(f"error: {run_dir} already holds a run ({FILENAME}, step "
                                  f"{_finished_step(metrics)}); resume it with --ckpt_path=last, start over in it "
                                  "with --overwrite=true, or choose another --run_dir")
             # start over: nothing of the previous run may mix with the new one's events and metrics
-            for old in [metrics, *run_dir.glob("events.out.tfevents.*")]:
-                old.unlink()
+            for old in [metrics, run_dir / UNFINISHED, *run_dir.glob("events.out.tfevents.*")]:
+                old.unlink(missing_ok=True)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
     def instantiate_trainer(self, **kwargs):
@@ -160,10 +260,19 @@ class ClipCLI(LightningCLI):
                 isinstance(c, ModelCheckpoint) for c in kwargs["callbacks"]):
             # Lightning's default checkpoint plus checkpoints/last.ckpt, which --ckpt_path=last resumes;
             # a link to the checkpoint just written, not a second write of it
-            kwargs["callbacks"].append(ModelCheckpoint(save_last="link"))
+            kwargs["callbacks"].append(_Checkpoint(save_last="link"))
         if trainer_cfg.get("logger") in (None, True):  # an explicit logger (or False) in the config wins
             kwargs["logger"] = self._logger()
         return super().instantiate_trainer(**kwargs)
+
+
+def _refuse_idle(trainer) -> None:
+    """Settings under which a fit would train nothing and still exit 0."""
+    for option, value in (("trainer.max_steps", trainer.max_steps), ("trainer.max_epochs", trainer.max_epochs),
+                          ("trainer.limit_train_batches", trainer.limit_train_batches)):
+        if value == 0:
+            raise UserError(f"{option}=0 trains nothing; give a positive value (trainer.max_steps=-1 with "
+                            "trainer.max_epochs for a run bounded by epochs)")
 
 
 def _finished_step(metrics: Path) -> Optional[int]:
@@ -182,4 +291,8 @@ def main(args=None):
         return eval_main(argv[1:])
     # Nothing in the defaults touches a hub (timm pretrained=False, BERT built from a config), so no
     # offline switch is forced here: a user who names a hub model gets it downloaded as usual.
-    return ClipCLI(ClipModule, ClipDataModule, args=args, save_config_kwargs={"overwrite": True})
+    try:
+        return ClipCLI(ClipModule, ClipDataModule, args=args, save_config_kwargs={"overwrite": True})
+    except UserError as e:  # one line, no traceback: the input is wrong, not the code
+        print(e, file=sys.stderr, flush=True)
+        raise

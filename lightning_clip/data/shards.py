@@ -52,12 +52,17 @@ class BadSampleError(RuntimeError):
     """Raised for the first bad sample when ``strict=True`` (the message names shard and key)."""
 
 
+class ShardsNotFound(FileNotFoundError):
+    """A shard option names files that are not there (the message names the option and the files)."""
+
+
 def expand_shards(pattern: str, option: str = "shards") -> list[str]:
     """A directory of ``.tar`` files, a glob, a brace pattern (``dir/shard-{000000..000007}.tar``) or
     several of those joined by ``::``, as a sorted list of existing files."""
     from webdataset.shardlists import expand_urls
 
     files: list[str] = []
+    missing: list[str] = []
     for part in expand_urls(str(pattern)):
         if _is_remote(part):
             files.append(part)  # opened with webdataset's gopen (curl, pipe:, s3 ...); not checked here
@@ -67,13 +72,22 @@ def expand_shards(pattern: str, option: str = "shards") -> list[str]:
             files.extend(sorted(glob.glob(part)))
         elif os.path.isfile(part):
             files.append(part)
+        else:
+            missing.append(part)
     if not files:
-        raise FileNotFoundError(
+        raise ShardsNotFound(
             f"data.{option}={pattern!r} matches no shard (expected a directory of .tar files, a glob, or a "
             f"brace pattern like dir/shard-{{000000..000007}}.tar). Check the path; to build shards: real "
             f"photographs with `python -m lightning_clip.data.convert flickr|coco ... --out ROOT` (see "
             f"data/README.md), the synthetic world with `make data` or `python -m lightning_clip.data.synthetic "
             f"--out ROOT`, then point data.train_shards/data.val_shards at ROOT/train and ROOT/val")
+    if missing:
+        # a pattern that names its files (a brace range, a list) is a promise: training on the part of it
+        # that is there would quietly change the data
+        raise ShardsNotFound(
+            f"data.{option}={pattern!r} names {len(missing)} shard(s) that do not exist ({', '.join(missing[:3])}"
+            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}) beside {len(files)} that do; fix the "
+            f"pattern or restore the missing files (a glob such as dir/shard-*.tar takes whatever is there)")
     return sorted(dict.fromkeys(files))
 
 
@@ -172,6 +186,7 @@ def _median_sibling_size(path: str) -> Optional[int]:
 def _tar_members(shard: str, on_bad: SkipPolicy) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group consecutive tar members by key (``KEY.ext``) -> (key, {ext: bytes})."""
     key, files = None, {}
+    seen: set[str] = set()  # keys already yielded: a key must name one sample of a shard
     last = "<start of archive>"
     complete, complete_bytes, end = 0, 0, 0  # samples before the one in progress, their bytes
     at = None  # where the reader stopped, for a damaged local file
@@ -187,8 +202,15 @@ def _tar_members(shard: str, on_bad: SkipPolicy) -> Iterator[tuple[str, dict[str
                     if base != key:
                         if key is not None:
                             complete, complete_bytes = complete + 1, end
-                            yield key, files
+                            if key in seen:
+                                on_bad(shard, key, "duplicate key: a sample of this key came earlier in the shard")
+                            else:
+                                seen.add(key)
+                                yield key, files
                         key, files = base, {}
+                    elif ext.lower() in files:
+                        on_bad(shard, key, f"duplicate member {name!r} in the shard (the first is kept)")
+                        continue
                     files[ext.lower()] = data
                     end = _tell(stream) or 0
             except (tarfile.TarError, OSError, EOFError, ValueError):
@@ -212,7 +234,10 @@ def _tar_members(shard: str, on_bad: SkipPolicy) -> Iterator[tuple[str, dict[str
         on_bad(shard, (key or last), reason, count=lost)
         return
     if key is not None:
-        yield key, files
+        if key in seen:
+            on_bad(shard, key, "duplicate key: a sample of this key came earlier in the shard")
+        else:
+            yield key, files
 
 
 def _kind(v) -> str:
@@ -268,12 +293,21 @@ def decode(shard: str, key: str, files: dict[str, bytes], on_bad: SkipPolicy) ->
         on_bad(shard, key, f"wrong type in KEY.json: {problem}")
         return None
     captions = meta.get("all_captions")
+    info = meta.get("captions")
     if not captions:
         cap = meta.get("caption")
         if not cap and "txt" in files:
             cap = files["txt"].decode("utf-8", errors="replace")
         captions = [cap] if cap else []
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    kept = [k for k, c in enumerate(captions) if isinstance(c, str) and c.strip()]
+    if 0 < len(kept) < len(captions):
+        # the sample stays, less its empty captions; their ground truth goes with them, so the rest keep
+        # theirs (semantic recall and the ceiling need every caption's)
+        warnings.warn(f"dropping {len(captions) - len(kept)} empty caption(s) of {len(captions)} in shard {shard}, "
+                      f"key {key}", DataWarning, stacklevel=2)
+        if isinstance(info, list) and len(info) == len(captions):
+            info = [info[k] for k in kept]
+    captions = [captions[k].strip() for k in kept]
     if not captions:
         on_bad(shard, key, "missing caption (no KEY.txt and no caption/all_captions in KEY.json)")
         return None
@@ -292,7 +326,6 @@ def decode(shard: str, key: str, files: dict[str, bytes], on_bad: SkipPolicy) ->
     if not isinstance(group, int):
         # Byte-identical photos (Flickr8k has a pair) become positives of each other's captions.
         group = stable_id("bytes:" + (meta.get("sha256") or __import__("hashlib").sha256(raw).hexdigest()))
-    info = meta.get("captions")
     if not (isinstance(info, list) and len(info) == len(captions)):
         info = None
     return Record(shard=shard, key=key, image=image, captions=captions, image_id=image_id, group=group,
@@ -307,9 +340,14 @@ def decode_image(raw: bytes) -> torch.Tensor:
     files it rejects get a second chance through PIL, so PIL's error is the one reported for a corrupt
     file."""
     try:
-        return tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
         return pil_to_tensor(Image.open(io.BytesIO(raw)).convert("RGB"))  # convert forces the full decode
+    if image.dtype == torch.uint16:  # a 16-bit PNG: its top 8 bits, as PIL's conversion to RGB keeps
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    elif image.dtype != torch.uint8:
+        raise ValueError(f"decoded to {image.dtype}, expected 8 or 16 bits per channel")
+    return image
 
 
 def iter_records(shard: str, on_bad: SkipPolicy) -> Iterator[Record]:
