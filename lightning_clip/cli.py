@@ -195,7 +195,7 @@ class ClipCLI(LightningCLI):
             # a run is finished only when everything it writes is written: the metrics of a run whose
             # checkpoint (or metrics) could not be written must not read as a finished run's
             run_dir = self._run_dir()
-            moved = mark_unfinished(run_dir, FILENAME) if run_dir is not None else None
+            moved = mark_unfinished(run_dir, FILENAME) if run_dir is not None and self.trainer.is_global_zero else None
             raise SystemExit(f"error: fit failed to write {failed.filename or 'a file'} at global step "
                              f"{self.trainer.global_step}: {failed.strerror or failed}"
                              + (f"; the run is not finished ({FILENAME} moved to {moved.name})" if moved else "")
@@ -223,7 +223,8 @@ class ClipCLI(LightningCLI):
             return
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--run_dir={run_dir} is a file, not a folder; choose another --run_dir")
-        self._lock = RunFolderLock(run_dir).acquire()
+        if _launch_rank() == 0:  # DDP's other processes write nothing here and must not take the lock
+            self._lock = RunFolderLock(run_dir).acquire()
         metrics = run_dir / FILENAME
         if ckpt is not None and ckpt not in _CKPT_NAMES:
             check_checkpoint(Path(ckpt))
@@ -266,6 +267,15 @@ class ClipCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def _launch_rank() -> int:
+    """This process' global rank as its launcher set it (Lightning's DDP launcher, torchrun, SLURM), before
+    the trainer's strategy knows it; 0 for a single process."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        if os.environ.get(var, "0").isdigit() and int(os.environ.get(var, "0")) > 0:
+            return int(os.environ[var])
+    return 0
+
+
 def _refuse_idle(trainer) -> None:
     """Settings under which a fit would train nothing and still exit 0."""
     for option, value in (("trainer.max_steps", trainer.max_steps), ("trainer.max_epochs", trainer.max_epochs),
@@ -288,7 +298,14 @@ def main(args=None):
     if argv[:1] == ["eval"]:
         from lightning_clip.eval.cli import eval_main
 
-        return eval_main(argv[1:])
+        try:
+            return eval_main(argv[1:])
+        except FileNotFoundError as e:
+            if args is not None:  # called from Python: the caller handles the exception
+                raise
+            # on the command line a missing checkpoint, config or split is the user's input, not a bug
+            print(UserError(str(e)), file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
     # Nothing in the defaults touches a hub (timm pretrained=False, BERT built from a config), so no
     # offline switch is forced here: a user who names a hub model gets it downloaded as usual.
     try:

@@ -166,6 +166,14 @@ def test_a_refusal_from_the_command_line_prints_no_traceback(world, tmp_path):
     assert "error: model.lr=0.0 must be > 0" in proc.stderr
 
 
+def test_eval_on_the_command_line_names_a_missing_checkpoint_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lightning_clip", "eval", f"--ckpt_path={tmp_path / 'none'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: --ckpt_path={tmp_path / 'none'} does not exist" in proc.stderr
+
+
 @pytest.mark.parametrize("damage", ["cut", "empty"])
 def test_a_damaged_checkpoint_is_named_and_the_run_folder_left_alone(world, tmp_path, capsys, argv, damage):
     run = tmp_path / "run"
