@@ -478,7 +478,7 @@ def test_a_failed_evaluation_is_reported_with_its_log(project):
     # the real command on a fake run (no checkpoint): it must fail, and say where to look
     for fork in (False, True):  # a fresh interpreter, and a child forked from this one (the default)
         failures = cli.evaluate(runs[:1], Local(1, fork), quick=True)
-        assert len(failures) == 1 and str(failures[0]).startswith("eval of toy/a seed 0: exit 1; log ")
+        assert len(failures) == 1 and str(failures[0]).startswith("eval of toy/a seed 0: exit ")
         assert str(failures[0]).endswith("runs/toy/a/seed_0/eval.log")
         assert "no checkpoint" in (project / "runs/toy/a/seed_0" / store.EVAL_LOG).read_text()
         assert not (project / "runs/toy/a/seed_0" / store.EVAL_FILE).exists()

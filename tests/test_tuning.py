@@ -221,12 +221,23 @@ def test_nested_layer_and_objective():
 def test_successive_halving_prunes_the_worse_of_two_trials_at_the_first_rung(tuned_project):
     ablation = cells.load_ablation("toy")
     study = tuning.CellStudy(ablation, ablation.cells[0], tuning.TuneSettings.of(ablation), Path("runs"),
-                             ["python"], [], "x")
+                             ["python"], ["--config", "experiments/base.yaml"], "x")
+    assert study.max_steps == 6  # base.yaml's
     jobs = [study.next(set()) for _ in range(2)]
+
+    def validate(job, r, step):
+        m = {f"val/{d}/R@{k}": r for d in ("t2i", "i2t") for k in (1, 5, 10)}
+        (job.folder / "final_metrics.json").write_text(json.dumps({**m, "step": step}))
+
     for job, r in zip(jobs, (0.5, 0.1)):
         study.prepare(job)
-        m = {f"val/{d}/R@{k}": r for d in ("t2i", "i2t") for k in (1, 5, 10)}
-        (job.folder / "final_metrics.json").write_text(json.dumps({**m, "step": 2}))
+        validate(job, r, 2)
     assert study.check(jobs[0]) is None
     assert study.check(jobs[1]).startswith("pruned at step 2")
     assert study.check(jobs[1]) is None  # a step is reported once
+    # a trial's last validation is its result: it is told complete, never pruned there
+    late = [study.next(set()) for _ in range(2)]
+    for job, r in zip(late, (0.5, 0.01)):
+        study.prepare(job)
+        validate(job, r, 6)
+        assert study.check(job) is None

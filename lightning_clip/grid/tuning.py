@@ -92,6 +92,19 @@ def nested(setting: Mapping[str, object], cell_config: Mapping | None) -> dict:
     return out
 
 
+def _max_steps(args: Sequence[str]) -> int:
+    """trainer.max_steps as the --config files in ``args`` (later ones win) and --trainer.max_steps= set it."""
+    steps = 0
+    for i, a in enumerate(args):
+        if a == "--config" and i + 1 < len(args):
+            cfg = _canonical_config(Path(args[i + 1]))
+            value = ((cfg or {}).get("trainer") or {}).get("max_steps") if isinstance(cfg, dict) else None
+            steps = value if isinstance(value, int) else steps
+        elif a.startswith("--trainer.max_steps="):
+            steps = int(a.split("=", 1)[1])
+    return steps
+
+
 def _suggest(trial, p: Param):
     if p.kind == "choice":
         return trial.suggest_categorical(p.key, list(p.args))
@@ -114,6 +127,7 @@ class CellStudy:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prefix, self.base_args = list(prefix), list(base_args)
         self.cell_config = _canonical_config(cell.path)
+        self.max_steps = settings.max_steps or _max_steps(base_args)
         self.space = settings.space_of(cell)
         if not self.space:
             raise SystemExit(f"{cell.path}: tuning needs a search space (`tune.space` in _ablation.yaml or "
@@ -191,7 +205,8 @@ class CellStudy:
 
     def check(self, job: Job) -> str | None:
         seen = self._report(job)
-        if seen is not None and self.trials[self._number(job)].should_prune():
+        # the last validation is the trial's result, not a rung: a trial that got there is complete
+        if seen is not None and seen[0] < self.max_steps and self.trials[self._number(job)].should_prune():
             return f"pruned at step {seen[0]} (validation rsum {seen[1]:.1f})"
         return None
 
