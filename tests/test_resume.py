@@ -170,13 +170,23 @@ def test_a_resumed_runs_final_metrics_equal_the_uninterrupted_runs(world, tmp_pa
     # every training batch of the run, kept in the checkpoint)
     import json
 
+    import shutil
+
+    from webdataset import TarWriter
+
     monkeypatch.setattr("sys.argv", ["lightning-clip"])
-    args = ("--trainer.max_steps=6", "--trainer.log_every_n_steps=1")
+    # a validation set with one bad sample: data/skipped counts it at each validation, before and after
+    # the resume (the count of the validations before it travels in the checkpoint)
+    val = tmp_path / "val"
+    shutil.copytree(world / "val", val)
+    with TarWriter(str(val / "a-bad.tar"), encoder=False, mtime=0) as w:
+        w.write({"__key__": "bad", "jpg": b"not an image", "txt": b"a red square"})
+    args = ("--trainer.max_steps=6", "--trainer.log_every_n_steps=1", f"--data.val_shards={val}")
     _cli(world, tmp_path / "full", *args)
     with pytest.raises(SystemExit, match="stopped by SIGTERM at global step 4"):
         _cli(world, tmp_path / "cut", *args, "--trainer.callbacks+=test_resume.SigtermAtStep4")
     _cli(world, tmp_path / "cut", *args, "--ckpt_path=last")
     full, resumed = (json.loads((tmp_path / r / "final_metrics.json").read_text()) for r in ("full", "cut"))
-    assert set(full) == set(resumed) and "train/false_negatives" in full
+    assert set(full) == set(resumed) and "train/false_negatives" in full and full["data/skipped"] == 2
     for key in set(full) - {"wall_time_s"}:
         assert resumed[key] == (full[key] if isinstance(full[key], str) else pytest.approx(full[key], rel=1e-6)), key

@@ -120,7 +120,11 @@ class ClipDataModule(LightningDataModule):
         self.strict, self.mean, self.std, self.augment = strict, tuple(mean), tuple(std), augment
         self.generate, self.seed, self.caption_levels = generate, seed, caption_levels
         self.caption_objects, self.cache_records = caption_objects, cache_records
+        # training and validation count apart: a resumed run re-reads the training stream up to where it
+        # stopped (recounting its skips) but not the validations before the checkpoint, whose count the
+        # checkpoint carries (`state_dict`)
         self._skips = SkipPolicy(strict)
+        self._val_skips = SkipPolicy(strict)
         # Workers fork after the tokenizer may have run here; its Rust thread pool must stay off.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_vocab_size, tokenizer_cache)
@@ -136,7 +140,7 @@ class ClipDataModule(LightningDataModule):
     @property
     def skipped(self) -> int:
         """Samples skipped so far (bad input), across all workers of this process."""
-        return self._skips.count
+        return self._skips.count + self._val_skips.count
 
     def _generate_root(self) -> Optional[Path]:
         """The folder to generate the synthetic world into, or None. Only ``data.generate.root`` (default
@@ -187,7 +191,7 @@ class ClipDataModule(LightningDataModule):
         if getattr(self, "_trainer", None) is None:
             self.prepare_data()  # a Trainer calls it itself (once per node, before setup)
         rank, world = self._world()
-        common = dict(tokenizer=self.tokenizer, max_length=self.max_length, on_bad=self._skips,
+        common = dict(tokenizer=self.tokenizer, max_length=self.max_length,
                       rank=rank, world_size=world, num_workers=self.num_workers)
         if stage in (None, "fit"):
             self._train = ShardStream(
@@ -195,7 +199,8 @@ class ClipDataModule(LightningDataModule):
                 transform=ImageTransform(self.image_size, self.mean, self.std, augment=self.augment),
                 batching=self.batching, shuffle_buffer=self.shuffle_buffer, epoch_length=self.epoch_length,
                 seed=self.seed, caption_levels=self.caption_levels,
-                caption_objects=self.caption_objects, cache_records=self.cache_records, **common)
+                caption_objects=self.caption_objects, cache_records=self.cache_records, on_bad=self._skips,
+                **common)
         if stage in (None, "fit", "validate", "test"):
             shards = expand_shards(self.val_shards, "val_shards")
             if len(shards) < world * max(1, self.num_workers):
@@ -203,7 +208,7 @@ class ClipDataModule(LightningDataModule):
                               f"{self.num_workers} workers: some will read no validation data")
             self._val = ShardStream(shards, train=False, batch_size=self.val_batch_size,
                                     transform=ImageTransform(self.image_size, self.mean, self.std),
-                                    **common)
+                                    on_bad=self._val_skips, **common)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Moves the tensors of the batch dict and of its ``meta``; keys, captions and scenes stay put.
@@ -241,11 +246,14 @@ class ClipDataModule(LightningDataModule):
         # processed, not completed: a checkpoint saved in on_train_batch_end has trained that batch too
         # (Lightning counts it completed when it restores)
         return {"train_epoch": int(trainer.current_epoch),
-                "train_batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+                "train_batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed),
+                "val_skipped": self._val_skips.count}
 
     def load_state_dict(self, state: dict) -> None:
         if "train_epoch" in state:
             self._resume = (int(state["train_epoch"]), int(state["train_batches"]))
+        if self._world()[0] == 0:  # rank 0's count (the one saved); other ranks' earlier skips are not kept
+            self._val_skips.restore(int(state.get("val_skipped", 0)))
 
     def val_dataloader(self) -> DataLoader:
         if self._val is None:

@@ -118,6 +118,11 @@ class SkipPolicy:
     def count(self) -> int:
         return int(self._count.value)
 
+    def restore(self, count: int) -> None:
+        """Continue from a resumed run's count (before any worker starts)."""
+        with self._count.get_lock():
+            self._count.value = count
+
     def __call__(self, shard: str, key: str, reason: str, count: int = 1) -> None:
         """Report a bad sample; ``count`` > 1 when one damage loses several (a truncated tar)."""
         msg = f"bad sample in shard {shard}, key {key}: {reason}"
