@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_clip.dedup import first_occurrences
 from lightning_clip.losses import build_loss
 from lightning_clip.losses._inputs import NonFiniteError
+from lightning_clip.losses.gcl import item_ids
 from lightning_clip.models import ImageTower, ProjectionHead, TextTower, VarianceHead
 from lightning_clip.outputs import Embeddings
 
@@ -134,6 +135,8 @@ class ClipModule(L.LightningModule):
             emb.text_groups = meta["text_group"]
         if "relevance" in self.loss.needs and "relevance" in meta:
             emb.relevance = meta["relevance"]
+        if "ids" in self.loss.needs:  # per-item state (gcl) is keyed by the rows' identities
+            emb.image_ids, emb.text_ids = item_ids(meta, emb.batch_size, emb.image.device)
         return emb
 
     def _image_features(self, batch: dict) -> tuple[Tensor, Tensor]:

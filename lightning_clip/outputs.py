@@ -31,6 +31,8 @@ class Embeddings:
     - ``relevance``: ``[N, N]`` bool, the batch's oracle matrix (entry (i, j): caption j is true of image
       i), synthetic data only; present only for losses that ask for it (``multi_positive`` with
       ``positives="oracle"``). It describes one local batch: it is not gathered across ranks.
+    - ``image_ids``, ``text_ids``: ``[N]`` long identities of each row's image and caption (53-bit
+      hashes, equal across runs and ranks), for losses that keep per-item state (``gcl``).
     """
 
     image: Tensor
@@ -44,6 +46,8 @@ class Embeddings:
     image_groups: Optional[Tensor] = None
     text_groups: Optional[Tensor] = None
     relevance: Optional[Tensor] = None
+    image_ids: Optional[Tensor] = None
+    text_ids: Optional[Tensor] = None
 
     def map(self, fn) -> "Embeddings":
         """Apply ``fn`` to every tensor field that is set (detach, move, cast, gather...)."""

@@ -24,6 +24,7 @@ CASES = [
     ("pcmepp", {}),
     ("pcmepp", {"vib_beta": 0.1}),
     ("filip", {}),
+    ("meru", {}),
 ]
 
 

@@ -17,7 +17,7 @@ from lightning_clip.losses.probabilistic import LN_STD_MAX, LN_STD_MIN
 from lightning_clip.outputs import Embeddings
 
 ALL_NAMES = {"infonce", "siglip", "soft_targets", "multi_positive", "nce", "dcl", "probabilistic", "damsm",
-             "cyclip", "hn_nce", "cloob", "pcmepp", "filip"}
+             "cyclip", "hn_nce", "cloob", "pcmepp", "filip", "gcl", "meru"}
 
 
 def build(case, dtype=torch.float64):
@@ -248,8 +248,38 @@ def brute_filip(emb, module, region_mask=None):
     return (_ce_rows(z) + _ce_rows(zt)) / (2 * n)
 
 
+def brute_meru(emb, module):
+    """MERU by the formulas, row by row (alpha is -1/2 ln D until the module's first forward sets it)."""
+    img, txt = emb.image.tolist(), emb.text.tolist()
+    n, d, s = len(img), len(img[0]), module.logit_scale.item()
+    c, rc = math.exp(module.log_curv.item()), math.exp(module.log_curv.item() / 2)
+    alpha = [math.exp(p.item()) if bool(module.alpha_initialized) else d ** -0.5
+             for p in (module.image_log_alpha, module.text_log_alpha)]
+
+    def lift(x, a):
+        u = [a * e for e in x]
+        r = rc * math.sqrt(dot(u, u))
+        return [math.sinh(min(max(r, 1e-8), math.asinh(2 ** 15))) * e / max(r, 1e-8) for e in u]
+
+    v, w = [lift(x, alpha[0]) for x in img], [lift(x, alpha[1]) for x in txt]
+    tp = lambda x: math.sqrt(1 / c + dot(x, x))  # noqa: E731
+    clip = lambda x: min(max(x, -1 + 1e-8), 1 - 1e-8)  # noqa: E731
+    dist = [[math.acosh(max(-c * (dot(v[i], w[j]) - tp(v[i]) * tp(w[j])), 1 + 1e-8)) / rc for j in range(n)]
+            for i in range(n)]
+    z = [[-s * dist[i][j] for j in range(n)] for i in range(n)]
+    zt = [[-s * dist[i][j] for i in range(n)] for j in range(n)]
+    entail = 0.0
+    for i in range(n):
+        norm_w = math.sqrt(dot(w[i], w[i]))
+        aper = math.asin(clip(2 * module.min_radius / (norm_w * rc + 1e-8)))
+        c_wv = c * (dot(w[i], v[i]) - tp(w[i]) * tp(v[i]))
+        ext = math.acos(clip((tp(v[i]) + c_wv * tp(w[i])) / (norm_w * math.sqrt(max(c_wv ** 2 - 1, 1e-8)) + 1e-8)))
+        entail += max(0.0, ext - aper) / n
+    return (_ce_rows(z) + _ce_rows(zt)) / (2 * n) + module.entail_weight * entail
+
+
 BRUTE_RECENT = {"cyclip": brute_cyclip, "hn_nce": brute_hn_nce, "cloob": brute_cloob, "pcmepp": brute_pcmepp,
-                "filip": brute_filip}
+                "filip": brute_filip, "meru": brute_meru}
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -307,6 +337,18 @@ GRADCHECKS = {
                                       lambda i, t, si, st, a, b: LF.pcmepp(i, t, si, st, a, b, vib_beta=0.3)),
     "pcmepp-per_dim": lambda r, g: ((r(4, 3), r(4, 3), r(4, 3) / 4, r(4, 3) / 4, r(()), r(())),
                                     lambda i, t, si, st, a, b: LF.pcmepp(i, t, si, st, a, b, vib_beta=0.3)),
+    # gcl's value depends on its new states and sg(s), which carry no gradient by design, so its gradient is
+    # not the derivative of its value. With eps far above every state (x eps) the states drop out of the value
+    # (to ~1e-11) and the derivative is the gradient it defines, through the features and the scale
+    # (tests/test_losses_gcl_meru.py checks the temperature term against a reference with frozen states).
+    "gcl": lambda r, g: ((r(4, 3), r(4, 3), r(())),
+                         lambda i, t, ls: 1e12 * LF.gcl(F.normalize(i, dim=-1), F.normalize(t, dim=-1), 2 * ls.exp(),
+                                                        torch.tensor([0.5, 0.0, 2.0, 1.0], dtype=torch.float64),
+                                                        torch.tensor([1.5, 0.3, 0.0, 0.8], dtype=torch.float64),
+                                                        gamma=0.7, temperature_term=False, eps=1e12)[0]),
+    "meru": lambda r, g: ((r(4, 3), r(4, 3), r(()), r(()), r(()), r(())),
+                          lambda i, t, ls, ai, at, lc: LF.meru(i, t, ls.exp(), ai / 2, at / 2, lc / 2,
+                                                               entail_weight=0.5, min_radius=0.3)),
     "filip": lambda r, g: ((r(3, 4, 3), r(3, 5, 3), r(())),
                            lambda x, y, ls: LF.filip(x, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]],
                                                                      dtype=torch.bool),
@@ -533,7 +575,7 @@ EXPECTED_TERMS = {"infonce": {"i2t", "t2i"}, "siglip": {"positive", "negative"},
                   "probabilistic": {"i2t", "t2i", "image_ln_std", "text_ln_std"},
                   "damsm": {"sentence", "word"}, "cyclip": {"i2t", "t2i", "in_modal", "cross_modal"},
                   "hn_nce": {"i2t", "t2i"}, "cloob": {"i2t", "t2i"}, "filip": {"i2t", "t2i"},
-                  "pcmepp": {"bce", "vib", "image_ln_std", "text_ln_std"}}
+                  "pcmepp": {"bce", "vib", "image_ln_std", "text_ln_std"}, "meru": {"i2t", "t2i", "entailment"}}
 EXPECTED_NEEDS = {"multi_positive": {"groups"}, "probabilistic": {"image_ln_std", "text_ln_std"},
                   "damsm": {"regions", "words"}, "pcmepp": {"image_ln_std", "text_ln_std"},
                   "filip": {"regions", "words"}}
@@ -549,7 +591,8 @@ def test_module_terms_needs_and_defaults(case):
     assert set(module.needs) == EXPECTED_NEEDS.get(name, set())
     scalars = module.scalars()
     defaults = {"infonce": 1 / 0.07, "dcl": 1 / 0.07, "multi_positive": 1 / 0.07, "siglip": 10.0, "nce": 10.0,
-                "cyclip": 1 / 0.07, "hn_nce": 1 / 0.07, "filip": 1 / 0.07, "cloob": 30.0, "pcmepp": 5.0}
+                "cyclip": 1 / 0.07, "hn_nce": 1 / 0.07, "filip": 1 / 0.07, "cloob": 30.0, "pcmepp": 5.0,
+                "meru": 1 / 0.07}
     if name in defaults:
         assert scalars["scale"] == pytest.approx(defaults[name], rel=1e-6)
     if name == "siglip":

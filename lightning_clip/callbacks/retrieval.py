@@ -78,9 +78,11 @@ class RetrievalCallback(L.Callback):
     # -- accumulation --------------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         loss = getattr(pl_module, "loss", None)
+        # a hyperbolic family (meru) also reports each caption's distance from the origin
+        text_extras = TEXT_EXTRAS + (("origin_distance",) if hasattr(loss, "origin_distance") else ())
         self.metric = RetrievalMetric(similarity=getattr(loss, "similarity", None), ks=self.ks,
                                       chunk_size=self.chunk_size, relevance_fn=self._relevance,
-                                      image_extras=IMAGE_EXTRAS, text_extras=TEXT_EXTRAS).to(pl_module.device)
+                                      image_extras=IMAGE_EXTRAS, text_extras=text_extras).to(pl_module.device)
         self._scenes, self._constraints, self._texts = {}, {}, {}
         self._result, self._computed = None, False
 
@@ -100,6 +102,8 @@ class RetrievalCallback(L.Callback):
         # what the loss family ranks by: the pooled embeddings, or its own per-item inputs (filip's tokens)
         loss = getattr(pl_module, "loss", None)
         image, text = loss.retrieval_inputs(emb) if hasattr(loss, "retrieval_inputs") else (emb.image, emb.text)
+        if "origin_distance" in self.metric.text_extras:
+            extras["text_origin_distance"] = loss.origin_distance(emb.text).to(device)
         self.metric.update(image, text, image_id, text_id, image_ln_std=emb.image_ln_std,
                            text_ln_std=emb.text_ln_std, **extras)
         scenes, constraints, texts = meta.get("scene"), meta.get("constraints"), meta.get("caption")

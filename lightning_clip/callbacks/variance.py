@@ -13,6 +13,10 @@ Each validation epoch, over the whole (gathered, deduplicated) validation set:
   smallest predicted variance, 10 = the largest), and ``variance/image/R@1_decile_<d>`` with image-to-text
   R@1 by image decile: does higher variance go with worse retrieval?
 
+For a hyperbolic family (``meru``: its loss has ``origin_distance``), the same question asked of its
+geometry: ``hyperbolic/text/distance_level_<k>``, the mean distance from the origin of the captions of
+specificity level k, and ``hyperbolic/text/spearman_specificity`` (vaguer captions nearer the origin: positive).
+
 The embeddings, ids and ranks come from the `RetrievalCallback` of the same trainer (computed once per
 epoch and shared), so the variance statistics describe exactly the items that were ranked.
 """
@@ -42,7 +46,8 @@ class VarianceCallback(L.Callback):
         return bool(VARIANCE_FIELDS & set(getattr(loss, "needs", ())))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not self.applies_to(pl_module):
+        hyperbolic = hasattr(getattr(pl_module, "loss", None), "origin_distance")
+        if trainer.sanity_checking or not (self.applies_to(pl_module) or hyperbolic):
             return
         retrieval = next((cb for cb in trainer.callbacks if isinstance(cb, RetrievalCallback)), None)
         if retrieval is None:
@@ -51,6 +56,7 @@ class VarianceCallback(L.Callback):
         res = retrieval.result(trainer, pl_module)
         if res is None:
             return
+        self._log_origin_distance(pl_module, res.text_extra.get("origin_distance"), res.text_extra.get("specificity"))
         sides = (("text", res.text_ln_std, res.t2i_ranks, res.text_extra.get("specificity"), "specificity"),
                  ("image", res.image_ln_std, res.i2t_ranks, res.image_extra.get("num_objects"), "num_objects"))
         for side, ln_std, ranks, attr, attr_name in sides:
@@ -67,6 +73,18 @@ class VarianceCallback(L.Callback):
             for key, value in log.items():
                 # computed from gathered data: identical on every rank
                 pl_module.log(key, value, sync_dist=False, on_step=False, on_epoch=True, batch_size=1)
+
+    @staticmethod
+    def _log_origin_distance(pl_module, distance: Optional[Tensor], specificity: Optional[Tensor]) -> None:
+        if distance is None or specificity is None:
+            return
+        log = {f"hyperbolic/text/distance_level_{int(k)}": distance[specificity == k].mean()
+               for k in torch.unique(specificity) if k >= 0}
+        rho = spearman(distance, specificity)
+        if rho is not None:
+            log["hyperbolic/text/spearman_specificity"] = rho
+        for key, value in log.items():  # from gathered data: identical on every rank
+            pl_module.log(key, value, sync_dist=False, on_step=False, on_epoch=True, batch_size=1)
 
     @staticmethod
     def _histogram(trainer, tag: str, values: Tensor) -> None:
