@@ -218,34 +218,31 @@ class ClipCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path")
         run_dir = self._run_dir()
         if run_dir is None:
-            if ckpt is not None and ckpt not in _CKPT_NAMES:
-                check_checkpoint(Path(ckpt))
             return
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--run_dir={run_dir} is a file, not a folder; choose another --run_dir")
         if _launch_rank() == 0:  # DDP's other processes write nothing here and must not take the lock
             self._lock = RunFolderLock(run_dir).acquire()
         metrics = run_dir / FILENAME
-        if ckpt is not None and ckpt not in _CKPT_NAMES:
-            check_checkpoint(Path(ckpt))
-        if ckpt == "last":
+        if ckpt == "last":  # (an explicit checkpoint file was checked when the arguments were parsed)
             last = run_dir / "checkpoints" / "last.ckpt"
             if not last.is_file():
                 raise UserError(f"error: --ckpt_path=last: {run_dir} holds no checkpoints/last.ckpt to resume "
-                                 "(a run keeps one unless trainer.enable_checkpointing=false); start a new run "
-                                 "without --ckpt_path, or give --run_dir (or --experiment) of the run to resume")
+                                "(a run keeps one unless trainer.enable_checkpointing=false); start a new run "
+                                "without --ckpt_path, or give --run_dir (or --experiment) of the run to resume")
             step = _finished_step(metrics)
             max_steps = self.trainer.max_steps
             if step is not None and max_steps is not None and 0 < max_steps <= step:
                 raise UserError(f"error: --ckpt_path=last: the run in {run_dir} already reached step {step} "
-                                 f"(trainer.max_steps={max_steps}); raise trainer.max_steps to train it further")
+                                f"(trainer.max_steps={max_steps}); raise trainer.max_steps to train it further")
             check_checkpoint(last, "--ckpt_path=last")
             self.config_init[self.subcommand]["ckpt_path"] = str(last)
         elif ckpt is None and (metrics.exists() or (run_dir / UNFINISHED).exists()):
+            held = metrics if metrics.exists() else run_dir / UNFINISHED
             if not cfg.get("overwrite"):
-                raise UserError(f"error: {run_dir} already holds a run ({FILENAME}, step "
-                                 f"{_finished_step(metrics)}); resume it with --ckpt_path=last, start over in it "
-                                 "with --overwrite=true, or choose another --run_dir")
+                raise UserError(f"error: {run_dir} already holds a run ({held.name}, step "
+                                f"{_finished_step(held)}); resume it with --ckpt_path=last, start over in it "
+                                "with --overwrite=true, or choose another --run_dir")
             # start over: nothing of the previous run may mix with the new one's events and metrics
             for old in [metrics, run_dir / UNFINISHED, *run_dir.glob("events.out.tfevents.*")]:
                 old.unlink(missing_ok=True)
