@@ -9,6 +9,7 @@ import os
 import socket
 import warnings
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -294,7 +295,6 @@ def test_gcl_two_ranks_over_several_steps_equal_one_process(tmp_path):
 # -- gcl through ClipModule: checkpoint and resume -----------------------------------------------------------
 @pytest.mark.slow
 def test_gcl_states_survive_a_checkpoint_and_a_resume(tmp_path):
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from _data_helpers import small_dm
@@ -451,3 +451,56 @@ def test_meru_fit_logs_its_geometry_and_gcl_fits(tmp_path, monkeypatch):
             assert final["train/loss/entailment"] is not None
         else:
             assert final["train/loss/seen"] is not None
+
+
+class IdBatches(L.LightningDataModule):
+    """Fixed global batches whose meta carries image ids and keys; rank r takes its slice of each (at module
+    level, so ddp_spawn can pickle it)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        per = self.batches[0]["image"].shape[0] // world
+        rows = slice(rank * per, (rank + 1) * per)
+        mine = [{"image": b["image"][rows], "input_ids": b["input_ids"][rows], "attention_mask": b["attention_mask"][rows],
+                 "meta": {"key": b["meta"]["key"][rows], "image_id": b["meta"]["image_id"][rows]}} for b in self.batches]
+        return torch.utils.data.DataLoader(mine, batch_size=None)
+
+
+def fit_ids(module, batches, **trainer_kwargs):
+    trainer = L.Trainer(accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, use_distributed_sampler=False, **trainer_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=IdBatches(batches))
+    return module
+
+
+@pytest.mark.slow  # two spawned interpreters importing torch, lightning and transformers
+@pytest.mark.distributed
+def test_gcl_through_lightning_ddp_matches_one_process_states_included():
+    """ClipModule under Lightning's DDP: the ids reach the loss from the batch, and rank 0's weights and
+    item states after three steps (items recurring across steps) equal one process on the whole batches."""
+    import copy
+
+    from test_scale import TINY, SGDClip, fixed_batches
+
+    batches = fixed_batches(3, 8)
+    for batch, items in zip(batches, ([0, 1, 2, 3, 4, 5, 6, 7], [4, 5, 6, 7, 8, 9, 10, 11], [0, 9, 2, 11, 0, 5, 10, 3])):
+        batch["meta"] = {"key": [f"item{i}#0" for i in items], "image_id": torch.tensor(items) + 100}
+    torch.manual_seed(0)
+    start = SGDClip(**{**TINY, "loss": "gcl", "loss_args": {"gamma": 0.5}})
+    single = fit_ids(copy.deepcopy(start), batches, devices=1)
+    ddp = fit_ids(copy.deepcopy(start), batches, devices=2, strategy="ddp_spawn")
+    assert len(single.loss.image_states) == 12
+    for side in ("image_states", "text_states"):
+        a, b = getattr(single.loss, side), getattr(ddp.loss, side)
+        assert torch.equal(a.ids, b.ids)
+        torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=0)
+    for (name, a), b in zip(single.state_dict().items(), ddp.state_dict().values()):
+        if name != "loss._extra_state":
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
