@@ -127,6 +127,7 @@ def test_every_cell_gets_the_same_budget_and_the_best_complete_trial_is_chosen(t
     assert "matches its configs and budget" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_changed_cell_is_tuned_again_and_no_tune_skips_both_stages(tuned_project):
     assert cli.main(["--ablation", "toy", "--no-report", "--stages", "tune"]) == 0  # the tuning stage alone
     assert (tuned_project / "runs/toy/_tuning/study.db").is_file() and not (tuned_project / "runs/toy/a").exists()
