@@ -1,4 +1,5 @@
-"""Finding each distinct item once in a batch that repeats it, by id.
+"""Items' identities in a batch: finding each distinct item once by id, and the ids per-item state is
+keyed by (`item_ids`).
 
 A caption-per-row batch holds every image once per caption, and distributed padding repeats items at the
 end of a split. Training (the module's eval-mode forward runs the image tower once per distinct image)
@@ -21,3 +22,17 @@ def first_occurrences(ids: Tensor, return_inverse: bool = False):
     first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.long, device=ids.device)
     first = first.scatter_reduce(0, inverse, pos, reduce="amin")
     return (first, inverse) if return_inverse else first
+
+
+def item_ids(meta: dict, n: int, device=None) -> tuple[Tensor, Tensor]:
+    """The batch rows' identities: ``(image ids, caption ids)``, long ``[n]``. An image is its
+    ``meta["image_id"]``; a caption is a 53-bit hash of ``meta["key"]`` ("<sample key>#<caption index>",
+    one per training caption). ``text_id`` is no substitute: identical captions of different images share
+    it, and their states would mix positives."""
+    from lightning_clip.data.synthetic import stable_id  # the project's one cross-process string hash
+
+    if meta.get("image_id") is None or meta.get("key") is None:
+        raise KeyError("per-item state (gcl) needs meta['image_id'] and meta['key'] to key its items")
+    image = torch.as_tensor(meta["image_id"], dtype=torch.long).reshape(n)
+    text = torch.tensor([stable_id(f"gcl/caption/{k}") for k in meta["key"]], dtype=torch.long)
+    return image.to(device), text.to(device)

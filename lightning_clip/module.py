@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.dedup import first_occurrences
+from lightning_clip.dedup import first_occurrences, item_ids
 from lightning_clip.losses import build_loss
 from lightning_clip.losses._inputs import NonFiniteError
-from lightning_clip.losses.gcl import item_ids
 from lightning_clip.models import ImageTower, ProjectionHead, TextTower, VarianceHead
 from lightning_clip.outputs import Embeddings
 
@@ -145,8 +144,9 @@ class ClipModule(L.LightningModule):
         A validation batch holds every caption of its images (five per image in the synthetic world and
         in Flickr), so running the tower per row would embed the same pixels five times. In eval mode
         each image's features depend on that image alone (no dropout, norms on running statistics), so
-        embedding each distinct image once gives bit-identical outputs. Rows count as one image only when ``meta["image_id"]`` says so *and* their pixels
-        are equal, so a reused id can never hand one image's features to another."""
+        embedding each distinct image once gives bit-identical outputs. Rows count as one image only when
+        ``meta["image_id"]`` says so *and* their pixels are equal, so a reused id can never hand one
+        image's features to another."""
         images = batch["image"]
         ids = (batch.get("meta") or {}).get("image_id")
         if not self.training and isinstance(ids, Tensor) and ids.shape == images.shape[:1]:

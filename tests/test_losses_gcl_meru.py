@@ -20,7 +20,8 @@ from torch import nn
 from _gloo import leave_together
 from lightning_clip.losses import build_loss
 from lightning_clip.losses import functional as LF
-from lightning_clip.losses.gcl import ItemStates, item_ids
+from lightning_clip.dedup import item_ids
+from lightning_clip.losses.gcl import ItemStates
 from lightning_clip.outputs import Embeddings
 
 

@@ -54,9 +54,10 @@ def evaluate(runs: Sequence[Run], executor, parallel: int = 1, quick: bool = Fal
     if todo:
         out, log = store.eval_files(split)
         print(f"evaluating {len(todo)} run(s) on the {split} split ({out})", flush=True)
-        extra = ["--probe_images=500"] if quick and split == "val" else []
         if split != "val":
             extra = [f"--split={split}", "--probe_images=0"]
+        else:
+            extra = ["--probe_images=500"] if quick else []
         jobs = [store.Job(f"eval of {r.label}" + ("" if split == "val" else f" ({split})"), r.run_dir,
                           [sys.executable, "-m", "lightning_clip", "eval", f"--ckpt_path={r.run_dir}", *extra],
                           log, out, f"{r.run_dir}:{split}", r) for r in todo]

@@ -81,21 +81,25 @@ def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base:
     return runs
 
 
-def _samples(configs: Sequence[object], extra: Sequence[str]) -> int:
-    """max_steps x batch_size as the configs (later ones win) and ``--trainer.max_steps=`` /
-    ``--data.batch_size=`` arguments set them; 0 when unknown. Only an ordering key for the runner."""
-    found = {"trainer.max_steps": 0, "data.batch_size": 0}
+def setting(configs: Sequence[object], extra: Sequence[str], key: str) -> int:
+    """A positive integer setting (``trainer.max_steps``, ``data.batch_size``) as the parsed configs (later
+    ones win) and ``--<key>=`` arguments set it; 0 when unset."""
+    section, name = key.split(".")
+    found = 0
     for cfg in configs:
-        for key in found:
-            section, name = key.split(".")
-            value = ((cfg or {}).get(section) or {}).get(name) if isinstance(cfg, dict) else None
-            if isinstance(value, int) and value > 0:
-                found[key] = value
+        value = ((cfg or {}).get(section) or {}).get(name) if isinstance(cfg, dict) else None
+        if isinstance(value, int) and value > 0:
+            found = value
     for a in extra:
-        key, _, value = a.lstrip("-").partition("=")
-        if key in found and value.isdigit():
-            found[key] = int(value)
-    return found["trainer.max_steps"] * found["data.batch_size"]
+        k, _, value = a.lstrip("-").partition("=")
+        if k == key and value.isdigit():
+            found = int(value)
+    return found
+
+
+def _samples(configs: Sequence[object], extra: Sequence[str]) -> int:
+    """max_steps x batch_size, 0 when unknown. Only an ordering key for the runner."""
+    return setting(configs, extra, "trainer.max_steps") * setting(configs, extra, "data.batch_size")
 
 
 def longest_first(runs: Sequence[Run]) -> list[Run]:

@@ -28,7 +28,7 @@ import yaml
 
 from lightning_clip.files import atomic_write
 from lightning_clip.grid.cells import Ablation, Cell, Param, parse_param
-from lightning_clip.grid.plan import _canonical_config
+from lightning_clip.grid.plan import _canonical_config, setting
 from lightning_clip.grid.store import METRICS, Job
 
 OBJECTIVE_KEYS = tuple(f"val/{d}/R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10))
@@ -93,16 +93,9 @@ def nested(setting: Mapping[str, object], cell_config: Mapping | None) -> dict:
 
 
 def _max_steps(args: Sequence[str]) -> int:
-    """trainer.max_steps as the --config files in ``args`` (later ones win) and --trainer.max_steps= set it."""
-    steps = 0
-    for i, a in enumerate(args):
-        if a == "--config" and i + 1 < len(args):
-            cfg = _canonical_config(Path(args[i + 1]))
-            value = ((cfg or {}).get("trainer") or {}).get("max_steps") if isinstance(cfg, dict) else None
-            steps = value if isinstance(value, int) else steps
-        elif a.startswith("--trainer.max_steps="):
-            steps = int(a.split("=", 1)[1])
-    return steps
+    """trainer.max_steps of a trial's arguments (``--config`` files, then ``--trainer.max_steps=``)."""
+    configs = [_canonical_config(Path(args[i + 1])) for i, a in enumerate(args[:-1]) if a == "--config"]
+    return setting(configs, [a for a in args if a.startswith("--trainer.")], "trainer.max_steps")
 
 
 def _suggest(trial, p: Param):

@@ -117,20 +117,6 @@ def gcl(image: Tensor, text: Tensor, logit_scale, u_image: Tensor, u_text: Tenso
     return terms["loss"], terms["u_image"], terms["u_text"]
 
 
-def item_ids(meta: dict, n: int, device=None) -> tuple[Tensor, Tensor]:
-    """The batch rows' identities: ``(image ids, caption ids)``, long ``[n]``. An image is its
-    ``meta["image_id"]``; a caption is a 53-bit hash of ``meta["key"]`` ("<sample key>#<caption index>",
-    one per training caption). ``text_id`` is no substitute: identical captions of different images share
-    it, and their states would mix positives."""
-    from lightning_clip.data.synthetic import stable_id  # the project's one cross-process string hash
-
-    if meta.get("image_id") is None or meta.get("key") is None:
-        raise KeyError("gcl: needs meta['image_id'] and meta['key'] to key its per-item states")
-    image = torch.as_tensor(meta["image_id"], dtype=torch.long).reshape(n)
-    text = torch.tensor([stable_id(f"gcl/caption/{k}") for k in meta["key"]], dtype=torch.long)
-    return image.to(device), text.to(device)
-
-
 class ItemStates:
     """A table id -> state that grows with the data it meets: ids sorted in a long tensor, states in a
     float64 tensor beside them (on the features' device). Lookups and merges are a searchsorted and a
