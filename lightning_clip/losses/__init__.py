@@ -16,6 +16,7 @@ from lightning_clip.losses import (  # noqa: F401
     nce as _nce,
     pcmepp as _pcmepp,
     probabilistic as _probabilistic,
+    sample_temperature as _sample_temperature,
     sigmoid as _sigmoid,
     soft_targets as _soft_targets,
 )
