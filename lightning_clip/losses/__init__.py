@@ -17,6 +17,7 @@ from lightning_clip.losses import (  # noqa: F401
     pcmepp as _pcmepp,
     probabilistic as _probabilistic,
     sample_temperature as _sample_temperature,
+    sampled_softmax as _sampled_softmax,
     sigmoid as _sigmoid,
     soft_targets as _soft_targets,
 )
