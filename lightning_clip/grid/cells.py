@@ -16,16 +16,24 @@ becomes the cell's description in the tables); lines starting with `# @` are dir
     # @tune KEY KIND ARGS  one dimension of the cell's search space for the tuning stage (grid.tuning):
                          KIND log|float LOW HIGH, int|logint LOW HIGH, or choice V1 V2 ...; KEY a config
                          key (model.lr, model.loss_args.init_bias); overrides `_ablation.yaml`'s tune.space
+    # @from ABLATION/CELL  start from that cell's tuned setting (results/<ABLATION>_tuning.yaml, the tuning
+                         stage's choice), except the keys this cell sets itself: a design ablation compares
+                         each family at its own tuned recipe without tuning every cell again (grid.inherit)
 
 `_ablation.yaml` keys (all optional):
 
     study: true          run only when named (`--ablation NAME`), never by a plain `make ablate`
+    requires: [NAME]     ablations whose runs this one reads (a frozen teacher's checkpoint): they join the
+                         plan whenever this one runs, and their runs train first
     report:              what the report draws for this ablation (the runner writes it into the manifest)
       curve_tags: [...]  the curves plotted against step (default: the report's own)
       plateau: true      a table of each cell's distance from its own plateau
       budget_against: losses   compare the final values with that ablation's runs (the default budget)
     tune:                the tuning stage (grid.tuning): trials per cell, budget, pruner, shared space
-    confirm:             the confirm stage: seeds at the tuned settings, evaluated on the test split
+    confirm:             with tune: the confirm stage (seeds at the tuned settings, evaluated on the test
+                         split); without tune: the grid itself runs `confirm.seeds` seeds (default 5), is
+                         evaluated on the test split too and reported there (results/<ablation>.md; the
+                         validation-split table is results/<ablation>_val.md)
 """
 from __future__ import annotations
 
@@ -42,8 +50,9 @@ SETTINGS_FILE = "_ablation.yaml"
 # repeats three of its cells and so copies their runs. Unlisted ablations follow alphabetically.
 PREFERRED_ORDER = ("losses", "batch_size", "batch_steps", "duplicates", "variance", "real")
 DEFAULT_SEEDS, QUICK_SEEDS = 3, 1
-DIRECTIVES = ("baseline", "quick", "data", "seeds", "tune")
-SETTINGS = {"study": bool, "report": dict, "tune": dict, "confirm": dict}
+CONFIRM_SEEDS = 5  # a claim rests on 5 seeds or more (the confirm stage's default too)
+DIRECTIVES = ("baseline", "quick", "data", "seeds", "tune", "from")
+SETTINGS = {"study": bool, "report": dict, "tune": dict, "confirm": dict, "requires": list}
 PARAM_KINDS = ("log", "float", "int", "logint", "choice")
 
 
@@ -110,6 +119,7 @@ class Cell:
     seeds: int | None = None  # `# @seeds N`: the cell's seed count
     search: tuple[Param, ...] = ()  # `# @tune` directives
     overlay: Path | None = None  # a config layered after the cell's own (the confirm stage's tuned setting)
+    start_from: tuple[str, str] | None = None  # `# @from ABLATION/CELL`
 
     def data_root(self, environ: Mapping[str, str] = os.environ) -> Path | None:
         if self.data is None:
@@ -130,15 +140,31 @@ class Ablation:
     report: Mapping[str, object] = dataclasses.field(default_factory=dict)
     tune: Mapping[str, object] = dataclasses.field(default_factory=dict)
     confirm: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    requires: tuple[str, ...] = ()
 
     @property
     def baseline(self) -> Cell:
         return next(c for c in self.cells if c.baseline)
 
     @property
+    def on_test_split(self) -> bool:
+        """A design ablation on the fair protocol: `confirm:` without `tune:` (its grid is its confirmation)."""
+        return bool(self.confirm) and not self.tune
+
+    @property
+    def seeds_per_cell(self) -> int:
+        """A cell's seeds unless it says `# @seeds N`: `confirm.seeds` on the test protocol, else DEFAULT_SEEDS."""
+        if self.on_test_split:
+            n = self.confirm.get("seeds", CONFIRM_SEEDS)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise SystemExit(f"{self.name}/{SETTINGS_FILE}: confirm.seeds={n!r}: a positive integer")
+            return n
+        return DEFAULT_SEEDS
+
+    @property
     def default_seeds(self) -> int:
-        """The most seeds any cell runs (each cell's `# @seeds N`, else DEFAULT_SEEDS)."""
-        return max(c.seeds or DEFAULT_SEEDS for c in self.cells)
+        """The most seeds any cell runs (each cell's `# @seeds N`, else `seeds_per_cell`)."""
+        return max(c.seeds or self.seeds_per_cell for c in self.cells)
 
     def quick_subset(self) -> "Ablation":
         """The '# @quick' cells plus the baseline (so that the paired differences exist in a smoke run)."""
@@ -160,7 +186,7 @@ def seeds_for(ablation: Ablation, cli_seeds: int | None = None, quick: bool = Fa
 def parse_cell(path: Path, ablation: str) -> Cell:
     """Read a cell's description and directives from its leading comment lines."""
     path = Path(path)
-    description, flags, data, seeds, search = "", set(), None, None, []
+    description, flags, data, seeds, search, start_from = "", set(), None, None, [], None
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
         if not line:
@@ -183,6 +209,12 @@ def parse_cell(path: Path, ablation: str) -> Cell:
                 seeds = int(args[0])
             elif word == "tune":
                 search.append(parse_param(args, f"{path}: '# @tune'"))
+            elif word == "from":
+                source, _, cell = (args[0] if len(args) == 1 else "").partition("/")
+                if not source or not cell or "/" in cell:
+                    raise ValueError(f"{path}: '# @from' takes one ABLATION/CELL, e.g. '# @from losses/infonce'; "
+                                     f"got {args}")
+                start_from = (source, cell)
             else:
                 flags.add(word)
         elif not description:
@@ -190,7 +222,7 @@ def parse_cell(path: Path, ablation: str) -> Cell:
     if not description:
         raise ValueError(f"{path}: a cell starts with a one-line comment saying what it tests")
     return Cell(ablation, path.stem, path, description, "baseline" in flags, "quick" in flags, data, seeds,
-                tuple(search))
+                tuple(search), start_from=start_from)
 
 
 def _check_types(path: Path, given: Mapping, schema: Mapping[str, type], where: str = "") -> None:
@@ -234,8 +266,34 @@ def load_ablation(name: str, ablations_dir: Path = ABLATIONS_DIR) -> Ablation:
                          f"{baselines or 'none'} in {folder}")
     # baseline first: tables and plots read top-down from the reference
     cells.sort(key=lambda c: not c.baseline)
+    requires = tuple(settings.get("requires") or ())
+    if not all(isinstance(r, str) and r for r in requires) or name in requires:
+        raise SystemExit(f"{folder / SETTINGS_FILE}: 'requires' lists other ablations' names, got {list(requires)}")
     return Ablation(name, tuple(cells), bool(settings.get("study")), dict(settings.get("report") or {}),
-                    dict(settings.get("tune") or {}), dict(settings.get("confirm") or {}))
+                    dict(settings.get("tune") or {}), dict(settings.get("confirm") or {}), requires)
+
+
+def with_requirements(ablations: list[Ablation], ablations_dir: Path = ABLATIONS_DIR) -> list[Ablation]:
+    """The ablations plus every ablation they require (transitively), each required one before the first
+    that needs it."""
+    out: list[Ablation] = []
+
+    def add(a: Ablation, chain: tuple[str, ...]) -> None:
+        if a.name in chain:
+            raise SystemExit(f"ablations require each other in a circle: {' -> '.join(chain + (a.name,))}")
+        for r in a.requires:
+            if all(b.name != r for b in out):
+                add(load_ablation(r, ablations_dir), chain + (a.name,))
+        if all(b.name != a.name for b in out):
+            out.append(a)
+
+    for a in ablations:
+        add(a, ())
+    return out
+
+
+def required_names(ablations: list[Ablation]) -> set[str]:
+    return {r for a in ablations for r in a.requires}
 
 
 def available(ablations_dir: Path = ABLATIONS_DIR) -> list[str]:

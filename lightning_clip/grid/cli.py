@@ -23,7 +23,7 @@ from typing import Sequence
 
 from lightning_clip.grid import cells as C
 from lightning_clip.grid import fork as forking
-from lightning_clip.grid import stages, store
+from lightning_clip.grid import inherit, stages, store
 from lightning_clip.grid.executors import Local, Slurm
 from lightning_clip.grid.plan import BASE_CONFIG, QUICK_CONFIG, Run, plan_runs
 from lightning_clip.grid.progress import Progress, hms
@@ -73,7 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="ablations to run (default: every folder under --ablations-dir that is not a study)")
     p.add_argument("--seeds", type=int, default=None,
                    help=f"seeds per cell, 0..N-1, for every ablation (default: the cell's '# @seeds N', else "
-                        f"{C.DEFAULT_SEEDS}; {C.QUICK_SEEDS} with --quick)")
+                        f"{C.DEFAULT_SEEDS}, or confirm.seeds ({C.CONFIRM_SEEDS}) on the test protocol; {C.QUICK_SEEDS} with --quick)")
     p.add_argument("--quick", action="store_true",
                    help=f"only the '# @quick' cells, {QUICK_CONFIG} on top, into <runs-dir>/quick and "
                         "<results-dir>/quick")
@@ -137,7 +137,7 @@ def _ablations(args) -> list[C.Ablation]:
                               if not C.load_ablation(n, args.ablations_dir).study]
     if not names:
         raise SystemExit(f"no ablations under {args.ablations_dir}")
-    ablations = [C.load_ablation(n, args.ablations_dir) for n in names]
+    ablations = C.with_requirements([C.load_ablation(n, args.ablations_dir) for n in names], args.ablations_dir)
     if not args.quick:
         return ablations
     for a in ablations:
@@ -154,8 +154,12 @@ def _reports(ablations, plans, confirmed, runs_dir: Path, results_dir: Path) -> 
 
     problems = []
     jobs = [(a.name, lambda a=a: report.write_report(a.name, runs_dir=runs_dir, results_dir=results_dir,
-                                                     out=f"{a.name}_default" if a.tune else a.name))
+                                                     out=f"{a.name}_default" if a.tune else
+                                                     f"{a.name}_val" if a.on_test_split else a.name))
             for a in ablations if plans[a.name]]
+    jobs += [(a.name, lambda a=a: report.write_test(a.name, runs_dir=runs_dir, results_dir=results_dir,
+                                                    margin=stages.confirm_settings(a)["margin"]))
+             for a in ablations if plans[a.name] and a.on_test_split]
     for name, (conf, margin) in confirmed.items():
         jobs.append((conf.name, lambda c=conf: report.write_report(c.name, runs_dir=runs_dir, results_dir=results_dir)))
         jobs.append((name, lambda n=name, m=margin: report.write_confirm(n, runs_dir=runs_dir, results_dir=results_dir,
@@ -177,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"{required} not found: run from the repository root (or pass --base)")
     runs_dir = args.runs_dir / "quick" if args.quick else args.runs_dir
     results_dir = args.results_dir / "quick" if args.quick else args.results_dir
-    ablations = _ablations(args)
+    ablations = [a for a in (inherit.resolve(a, runs_dir, results_dir, quick=args.quick) for a in _ablations(args)) if a]
     seeds = {a.name: C.seeds_for(a, args.seeds, args.quick) for a in ablations}
     plans = {a.name: plan_runs(a, seeds[a.name], runs_dir, base=args.base, extra=args.extra,
                                quick_config=QUICK_CONFIG if args.quick else None,
@@ -234,10 +238,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store.write_manifest(a, runs_dir, seeds[a.name])
             failures = []
             if "grid" in args.stages:
-                failures += train(runs)
+                # what another ablation reads (a teacher's checkpoint) trains first
+                first = C.required_names(ablations)
+                for phase in ([r for r in runs if r.cell.ablation in first], [r for r in runs if r.cell.ablation not in first]):
+                    if phase:
+                        failures += train(phase)
                 if evaluating:
                     stage = "evaluation"
                     failures += evaluate(runs, local, args.jobs, args.quick)
+                    stage = "the test-split evaluation"
+                    failures += evaluate([r for a in ablations if a.on_test_split for r in plans[a.name]], local,
+                                         args.jobs, args.quick, split="test")
             for a in (a for a in ablations if a.tune):
                 common = dict(base=args.base, extra=args.extra, quick_config=QUICK_CONFIG if args.quick else None)
                 if "tune" in args.stages:

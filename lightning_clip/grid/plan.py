@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import yaml
 
-from lightning_clip.grid.cells import DEFAULT_SEEDS, Ablation, Cell
+from lightning_clip.grid.cells import Ablation, Cell
 
 BASE_CONFIG = Path("experiments/base.yaml")
 QUICK_CONFIG = Path("experiments/quick.yaml")
@@ -51,7 +51,8 @@ def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base:
               environ: Mapping[str, str] = os.environ, log=print, per_cell_seeds: bool = False) -> list[Run]:
     """The runs of one ablation, seed-major (all cells of seed 0 first: an early table covers every cell).
 
-    With ``per_cell_seeds`` a cell runs only the seeds below its own `# @seeds N` (else DEFAULT_SEEDS);
+    With ``per_cell_seeds`` a cell runs only the seeds below its own `# @seeds N` (else the ablation's
+    `seeds_per_cell`);
     without, every cell runs every seed given (`--seeds`, `--quick`). A cell whose `# @data` folder is
     absent is skipped with a message."""
     cells = []
@@ -64,7 +65,7 @@ def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base:
     runs = []
     for seed in seeds:
         for cell in cells:
-            if per_cell_seeds and seed >= (cell.seeds or DEFAULT_SEEDS):
+            if per_cell_seeds and seed >= (cell.seeds or ablation.seeds_per_cell):
                 continue
             run_dir = Path(runs_dir) / ablation.name / cell.name / f"seed_{seed}"
             paths = [Path(base), cell.path, *([cell.overlay] if cell.overlay else []),

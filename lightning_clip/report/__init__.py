@@ -20,10 +20,13 @@ one with ``report.budget_against`` the gap between that ablation's runs and its 
 
 An ablation with a tuning stage also gets `tuning` (results/<ablation>_tuning.md: every trial) and `confirm`
 (results/<ablation>.md: default vs tuned on the test split, Holm-adjusted, with equivalence verdicts); its
-default-recipe table is then results/<ablation>_default.md.
+default-recipe table is then results/<ablation>_default.md. A design ablation on the protocol (`confirm:`
+without `tune:`) gets `test_split` (results/<ablation>.md: each cell against the baseline on the test split,
+and for a series grid the interaction, a paired difference of differences); its validation table is then
+results/<ablation>_val.md.
 
 Modules: `stats` (intervals, differences, ranks, Holm, TOST), `load` (the manifest and one walk over the runs),
-`settings`, `columns`, `tables` (rows, CSV, markdown), `ranking`, `budget`, `plots`, `tuning`, `confirm`,
+`settings`, `columns`, `tables` (rows, CSV, markdown), `ranking`, `budget`, `plots`, `tuning`, `confirm`, `test_split`,
 `factors` and `tensorboard` (the ablation's TensorBoard page: runs/<ablation>/_summary/, the README's "Comparing
 in TensorBoard"), `write`, `cli`.
 The names below are the notebook's too (notebooks/compare_losses.ipynb), so it and the tables cannot disagree.
@@ -35,9 +38,10 @@ from lightning_clip.report.plots import plot_bars, plot_curves, save_figure
 from lightning_clip.report.ranking import RANKING_TAGS
 from lightning_clip.report.settings import CURVE_TAGS, ReportSettings, settings_of
 from lightning_clip.report.tables import format_markdown, read_csv, summarize
+from lightning_clip.report.test_split import write_test
 from lightning_clip.report.tuning import write_tuning
 from lightning_clip.report.write import write_report
 
 __all__ = ["CONVERGENCE_TAGS", "CURVE_TAGS", "RANKING_TAGS", "ReportSettings", "Run", "curves_of", "format_markdown",
            "load_runs", "metrics_of", "plot_bars", "plot_curves", "read_csv", "read_manifest", "save_figure",
-           "settings_of", "summarize", "write_confirm", "write_report", "write_tuning"]
+           "settings_of", "summarize", "write_confirm", "write_report", "write_test", "write_tuning"]

@@ -1,0 +1,80 @@
+"""`# @from ABLATION/CELL`: a design ablation's cell starts from another ablation's tuned setting.
+
+The fair protocol tunes each family once, in `losses` (grid.tuning). An ablation that asks a question
+about one factor (batch size, number of negatives) compares families at their own tuned recipe without a
+study per cell: each cell with `# @from losses/<family>` gets that cell's chosen setting from
+results/losses_tuning.yaml, written as a config layer after the cell (runs/<ablation>/_from/<cell>.yaml),
+minus every key the cell sets itself, so the cell's own question (its batch size, its k) always wins.
+
+A missing chosen setting skips the cell with a message, as a missing `# @data` folder does: a fresh clone
+without the tuning file still runs the rest. Under --quick the quick tuning file is read when it has the
+cell, else the committed one (the quick smoke run checks the mechanism, not the values).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping
+
+import yaml
+
+from lightning_clip.files import atomic_write
+from lightning_clip.grid.cells import Ablation, Cell
+from lightning_clip.grid.plan import _canonical_config
+from lightning_clip.grid.stages import read_tuned, tuned_file
+from lightning_clip.grid.tuning import nested
+
+FOLDER = "_from"
+
+
+def sets(config: object, key: str) -> bool:
+    """Whether a parsed cell config sets the dotted ``key`` (model.loss_args.init_bias)."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _chosen(results_dir: Path, source: str, quick: bool) -> tuple[dict, Path]:
+    path = tuned_file(results_dir, source)
+    chosen = read_tuned(path)
+    if quick and Path(results_dir).name == "quick":
+        committed = tuned_file(Path(results_dir).parent, source)
+        chosen = {**read_tuned(committed), **chosen}
+        path = path if path.is_file() else committed
+    return chosen, path
+
+
+def resolve(ablation: Ablation, runs_dir: Path, results_dir: Path, *, quick: bool = False,
+            log=print) -> Ablation | None:
+    """The ablation with each `# @from` cell's overlay written and set; cells without a chosen setting left
+    out (with a message), the whole ablation (None) when that is its baseline. Cells without the directive
+    are unchanged."""
+    cells: list[Cell] = []
+    for cell in ablation.cells:
+        if cell.start_from is None:
+            cells.append(cell)
+            continue
+        source, name = cell.start_from
+        chosen, path = _chosen(results_dir, source, quick)
+        entry = chosen.get(name)
+        if entry is None:
+            log(f"skipping {ablation.name}/{cell.name}: '# @from {source}/{name}' but {path} has no chosen setting "
+                f"for {name} (run `make ablate ABLATION={source} STAGES=tune`, or commit its tuning file)")
+            continue
+        if cell.overlay is not None:
+            raise SystemExit(f"{cell.path}: '# @from' and a tuned overlay on one cell: tune it or inherit, not both")
+        own = _canonical_config(cell.path)
+        setting = {k: v for k, v in entry["setting"].items() if not sets(own, k)}
+        overlay = Path(runs_dir) / ablation.name / FOLDER / f"{cell.name}.yaml"
+        kept = ", ".join(f"{k}={v}" for k, v in sorted(setting.items())) or "nothing (the cell sets every key)"
+        atomic_write(overlay, f"# {cell.name}: the chosen setting of {source}/{name} (trial {entry.get('trial')}), "
+                              f"keys the cell sets itself left out: {kept}\n"
+                     + yaml.safe_dump(nested(setting, own), sort_keys=True))
+        cells.append(dataclasses.replace(cell, overlay=overlay))
+    if not any(c.baseline for c in cells):
+        log(f"skipping ablation '{ablation.name}': its baseline has no chosen setting to start from (see above)")
+        return None
+    return dataclasses.replace(ablation, cells=tuple(cells))

@@ -1,0 +1,128 @@
+"""The test-split table of a design ablation on the fair protocol (`confirm:` without `tune:` in its
+_ablation.yaml): results/<ablation>.md, .csv, from each run's eval_test.json.
+
+- per cell: the mean over seeds with its 95% t-interval (t2i / i2t R@1, rsum, semantic t2i R@1);
+- each cell against the baseline on t2i R@1, paired by seed, as the confirm stage does (`confirm.compare`):
+  Bonferroni interval, Holm's adjusted p, "above"/"below" only where Holm rejects, "equivalent" only where
+  the TOST (Holm-adjusted) rejects a difference of the margin or more;
+- when the cells are a series grid (`<series>-<prefix><number>`, batch_size's `siglip-b16`): the
+  interaction. For every series S other than the baseline's series B and every x other than the
+  baseline's x0, the difference of differences, paired by seed,
+
+      Δ(S, x) = (S_x − B_x) − (S_x0 − B_x0)
+
+  "S's gap to B changes between x0 and x" is a claim about Δ, not about two overlapping intervals. Holm over
+  all Δ, Bonferroni intervals, verdicts as above.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+
+from lightning_clip.files import atomic_write
+
+from .columns import series_of
+from .confirm import PRIMARY, _ceiling_line, _ci, _values, compare, load_test
+from .load import read_manifest
+from .stats import holm, paired_difference, paired_p, tost
+from .tables import write_csv
+
+SHOWN = ("t2i R@1", "i2t R@1", "rsum", "semantic t2i R@1")
+
+
+def interactions(runs, baseline: str, margin: float, alpha: float = 0.05) -> list[dict]:
+    """The Δ(S, x) rows of a series grid (module docstring); [] when the cells are not one."""
+    parsed = series_of(list(runs))
+    if parsed is None or baseline not in parsed[0]:
+        return []
+    where, _ = parsed
+    cell_at = {v: c for c, v in where.items()}
+    ref_series, x0 = where[baseline]
+    primary = {c: _values(r, PRIMARY) for c, r in runs.items()}
+
+    def gap(series: str, x: int) -> dict[int, float] | None:
+        a, b = cell_at.get((series, x)), cell_at.get((ref_series, x))
+        if a is None or b is None:
+            return None
+        return {s: primary[a][s] - primary[b][s] for s in set(primary[a]) & set(primary[b])}
+
+    deltas = {}
+    for series in dict.fromkeys(s for s, _ in where.values()):
+        if series == ref_series or gap(series, x0) is None:
+            continue
+        for x in sorted({x for s, x in where.values() if s == series and x != x0}):
+            g, g0 = gap(series, x), gap(series, x0)
+            if g is not None:
+                deltas[(series, x)] = {s: g[s] - g0[s] for s in set(g) & set(g0)}
+    zero = {s: 0.0 for d in deltas.values() for s in d}
+    m = max(1, len(deltas))
+    p_diff = holm({k: paired_p(d, zero) for k, d in deltas.items()})
+    p_equiv = holm({k: tost(d, zero, margin) for k, d in deltas.items()})
+    rows = []
+    for (series, x), d in deltas.items():
+        k = (series, x)
+        interval = paired_difference(d, zero, 1 - alpha / m)
+        verdict = (("larger" if interval.mean > 0 else "smaller") if p_diff[k] < alpha else
+                   f"equivalent (±{margin:g})" if p_equiv[k] < alpha else "undecided")
+        rows.append({"series": series, "x": x, "x0": x0, "reference": ref_series,
+                     "gap at x": paired_difference(gap(series, x), {s: 0.0 for s in gap(series, x)}),
+                     "gap at x0": paired_difference(gap(series, x0), {s: 0.0 for s in gap(series, x0)}),
+                     "delta": interval, "holm p": p_diff[k], "tost p": p_equiv[k], "verdict": verdict})
+    return rows
+
+
+def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: float = 1.5) -> dict[str, Path]:
+    folder = Path(runs_dir) / ablation
+    manifest = read_manifest(folder)
+    cells = [c["name"] for c in manifest["cells"]]
+    baseline = manifest["baseline"]
+    runs = load_test(folder, cells)
+    if baseline not in runs:
+        raise FileNotFoundError(f"no eval_test.json for the baseline under {folder / baseline}")
+    rows = compare({}, runs, baseline, margin)
+    m = len([r for r in rows if "vs baseline" in r])
+    head = ["cell", *SHOWN, f"− `{baseline}` {PRIMARY}", "verdict"]
+    lines = [f"# {ablation}: on the held-out test split", "",
+             f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} from {folder.as_posix()} (eval_test.json). Mean over "
+             "seeds [95% t-interval] (seeds), in percent.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        c, vs = r["cell"], r.get("vs baseline")
+        lines.append("| " + " | ".join([
+            f"`{c}`" + (" (baseline)" if c == baseline else ""), *(_ci(r[f"tuned {s}"]) for s in SHOWN),
+            (_ci(vs) + (f", Holm p {r['holm p']:.3f}" if math.isfinite(r["holm p"]) else "")) if vs else "",
+            r.get("verdict", "")]) + " |")
+    lines += ["", f"Cell − baseline: paired by seed, Bonferroni interval at family-wise 95% over {m} comparisons; "
+              f"verdicts by Holm at 5% (difference) and by TOST with margin ±{margin:g} points, Holm-adjusted "
+              "(equivalence). One-seed cells have no interval and no verdict."]
+    inter = interactions(runs, baseline, margin)
+    if inter:
+        ref, x0 = inter[0]["reference"], inter[0]["x0"]
+        lines += ["", f"## Interaction: does a series' gap to `{ref}` change with x?", "",
+                  f"Δ = (S at x − `{ref}` at x) − (S at {x0} − `{ref}` at {x0}), {PRIMARY}, paired by seed; Bonferroni "
+                  f"interval over {len(inter)} interactions, Holm p, TOST ±{margin:g}.", "",
+                  "| series | x | gap at x | gap at x0 | Δ | verdict |", "|---|---|---|---|---|---|"]
+        for r in inter:
+            holm_p = f", Holm p {r['holm p']:.3f}" if math.isfinite(r["holm p"]) else ""
+            lines.append(f"| `{r['series']}` | {r['x']} | {_ci(r['gap at x'])} | {_ci(r['gap at x0'])} | "
+                         f"{_ci(r['delta'])}{holm_p} | {r['verdict']} |")
+    ceiling = _ceiling_line(runs)
+    if ceiling:
+        lines += ["", ceiling]
+    flat = []
+    for r in rows + [{"cell": f"Δ {r['series']} x={r['x']}", **{k: v for k, v in r.items() if k not in ("series",)}}
+                     for r in inter]:
+        out = {"cell": r["cell"]}
+        for k, v in r.items():
+            k = k.replace("tuned ", "")
+            if hasattr(v, "mean"):
+                if v.n:
+                    out.update({f"{k} mean": v.mean, f"{k} low": v.low, f"{k} high": v.high, f"{k} n": v.n})
+            elif k != "cell":
+                out[k] = v
+        flat.append(out)
+    results_dir = Path(results_dir)
+    return {"md": atomic_write(results_dir / f"{ablation}.md", "\n".join(lines) + "\n"),
+            "csv": atomic_write(results_dir / f"{ablation}.csv",
+                                write_csv(flat, list(dict.fromkeys(k for r in flat for k in r))))}

@@ -1,0 +1,203 @@
+"""Design ablations on the fair protocol: `# @from` (a cell starts from another ablation's tuned setting,
+its own keys winning), `confirm:` without `tune:` (5 seeds, the test-split table) and the interaction
+table of a series grid (a paired difference of differences), on hand-made runs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from lightning_clip.grid import cells as C
+from lightning_clip.grid import inherit
+from lightning_clip.grid.plan import plan_runs
+from lightning_clip.report import confirm, test_split
+
+
+def _ablation(root: Path, name: str, cells: dict[str, str], settings: dict | None = None) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    for cell, text in cells.items():
+        (folder / f"{cell}.yaml").write_text(text)
+    if settings is not None:
+        (folder / C.SETTINGS_FILE).write_text(yaml.safe_dump(settings))
+    return folder
+
+
+def _tuning(results: Path, source: str, chosen: dict) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{source}_tuning.yaml").write_text(yaml.safe_dump(
+        {c: {"study": c, "identity": "x", "trial": 3, "rsum": 200.0, "setting": s} for c, s in chosen.items()}))
+
+
+def test_from_layers_the_tuned_setting_minus_the_cells_own_keys(tmp_path):
+    _ablation(tmp_path / "abl", "negatives", {
+        "softmax-k5": "# k = 5\n# @baseline\n# @from losses/infonce\nmodel:\n  loss: sampled_infonce\n"
+                      "  loss_args: {num_negatives: 5, replacement: false}\n",
+        "plain": "# no directive\nmodel:\n  loss: infonce\n"})
+    _tuning(tmp_path / "results", "losses", {"infonce": {"model.lr": 0.003, "model.loss_args.init_scale": 12.0,
+                                                         "model.loss_args.num_negatives": 9}})
+    a = C.load_ablation("negatives", tmp_path / "abl")
+    assert a.baseline.start_from == ("losses", "infonce")
+    resolved = inherit.resolve(a, tmp_path / "runs", tmp_path / "results", log=lambda m: None)
+    cell = next(c for c in resolved.cells if c.name == "softmax-k5")
+    layer = yaml.safe_load(cell.overlay.read_text())
+    # the tuned lr and init_scale come in; the cell's own num_negatives wins, its other loss_args are kept
+    assert layer == {"model": {"lr": 0.003, "loss_args": {"num_negatives": 5, "replacement": False,
+                                                          "init_scale": 12.0}}}
+    assert next(c for c in resolved.cells if c.name == "plain").overlay is None
+    runs = plan_runs(resolved, [0], tmp_path / "runs")
+    args = next(r.args for r in runs if r.cell.name == "softmax-k5")
+    configs = [args[i + 1] for i, x in enumerate(args) if x == "--config"]
+    assert configs[-1] == str(cell.overlay) and configs[1].endswith("softmax-k5.yaml")
+    # another tuned value is another run (the fingerprint reads the layer)
+    before = {r.cell.name: r.fingerprint for r in runs}
+    _tuning(tmp_path / "results", "losses", {"infonce": {"model.lr": 0.002}})
+    again = plan_runs(inherit.resolve(a, tmp_path / "runs", tmp_path / "results", log=lambda m: None), [0], tmp_path / "runs")
+    after = {r.cell.name: r.fingerprint for r in again}
+    assert after["softmax-k5"] != before["softmax-k5"] and after["plain"] == before["plain"]
+
+
+def test_from_without_a_chosen_setting_skips_the_cell_or_the_ablation(tmp_path):
+    _ablation(tmp_path / "abl", "d", {
+        "a": "# a\n# @baseline\nmodel:\n  loss: infonce\n",
+        "b": "# b\n# @from losses/siglip\nmodel:\n  loss: siglip\n"})
+    _tuning(tmp_path / "results", "losses", {"infonce": {"model.lr": 0.003}})
+    said = []
+    resolved = inherit.resolve(C.load_ablation("d", tmp_path / "abl"), tmp_path / "runs", tmp_path / "results",
+                               log=said.append)
+    assert [c.name for c in resolved.cells] == ["a"]
+    assert "d/b" in said[0] and "losses_tuning.yaml" in said[0] and "siglip" in said[0]
+    _ablation(tmp_path / "abl", "e", {"a": "# a\n# @baseline\n# @from nowhere/x\nmodel:\n  loss: infonce\n"})
+    said.clear()
+    assert inherit.resolve(C.load_ablation("e", tmp_path / "abl"), tmp_path / "runs", tmp_path / "results",
+                           log=said.append) is None
+    assert any("baseline" in m for m in said)
+
+
+def test_quick_reads_the_committed_tuning_file_when_the_quick_one_lacks_the_cell(tmp_path):
+    _ablation(tmp_path / "abl", "d", {"a": "# a\n# @baseline\n# @from losses/infonce\nmodel:\n  loss: infonce\n"})
+    _tuning(tmp_path / "results", "losses", {"infonce": {"model.lr": 0.004}})
+    resolved = inherit.resolve(C.load_ablation("d", tmp_path / "abl"), tmp_path / "runs", tmp_path / "results" / "quick",
+                               quick=True, log=lambda m: None)
+    assert yaml.safe_load(resolved.baseline.overlay.read_text()) == {"model": {"lr": 0.004}}
+
+
+@pytest.mark.parametrize("line", ["# @from losses", "# @from losses/a/b", "# @from a/b c/d"])
+def test_a_malformed_from_names_the_file(tmp_path, line):
+    _ablation(tmp_path / "abl", "d", {"a": f"# a\n# @baseline\n{line}\nmodel:\n  loss: infonce\n"})
+    with pytest.raises(SystemExit, match=r"a\.yaml: '# @from' takes one ABLATION/CELL"):
+        C.load_ablation("d", tmp_path / "abl")
+
+
+def test_confirm_without_tune_runs_five_seeds_per_cell(tmp_path):
+    _ablation(tmp_path / "abl", "d", {"a": "# a\n# @baseline\nmodel:\n  loss: infonce\n",
+                                      "b": "# b\n# @seeds 7\nmodel:\n  loss: siglip\n"}, {"confirm": {"margin": 1.0}})
+    a = C.load_ablation("d", tmp_path / "abl")
+    assert a.on_test_split and a.seeds_per_cell == 5 and a.default_seeds == 7
+    runs = plan_runs(a, C.seeds_for(a), tmp_path / "runs", per_cell_seeds=True)
+    assert sorted((r.cell.name, r.seed) for r in runs) == sorted([("a", s) for s in range(5)] + [("b", s) for s in range(7)])
+    assert C.seeds_for(a, quick=True) == [0]
+    plain = C.load_ablation("d", tmp_path / "abl").__class__("p", a.cells)
+    assert not plain.on_test_split and plain.seeds_per_cell == C.DEFAULT_SEEDS
+    _ablation(tmp_path / "abl", "bad", {"a": "# a\n# @baseline\nmodel:\n  loss: infonce\n"}, {"confirm": {"seeds": 0}})
+    with pytest.raises(SystemExit, match="confirm.seeds=0"):
+        _ = C.load_ablation("bad", tmp_path / "abl").seeds_per_cell
+
+
+def _test_runs(root: Path, ablation: str, values: dict[str, list[float]], baseline: str) -> None:
+    folder = root / ablation
+    folder.mkdir(parents=True)
+    (folder / "ablation.json").write_text(json.dumps(
+        {"ablation": ablation, "baseline": baseline, "seeds": list(range(5)),
+         "cells": [{"name": c, "description": c} for c in values]}))
+    for cell, per_seed in values.items():
+        for seed, v in enumerate(per_seed):
+            run = folder / cell / f"seed_{seed}"
+            run.mkdir(parents=True)
+            m = {f"{d}_retrieval_recall@{k}": 0.1 for d in ("image", "text") for k in (1, 5, 10)}
+            m.update({"image_retrieval_recall@1": v / 100, "semantic_t2i_R@1": 0.5, "bayes_t2i_R@1": 0.46,
+                      "bayes_i2t_R@1": 0.89})
+            (run / confirm.TEST_FILE).write_text(json.dumps([{"task": "zeroshot_retrieval", "metrics": m}]))
+
+
+def test_the_interaction_is_a_paired_difference_of_differences(tmp_path):
+    rng = np.random.default_rng(0)
+    seed_effect = rng.normal(0, 2, 5)                   # shared by every cell of a seed: pairing removes it
+    cells = {}
+    for series, gap in (("infonce", {16: 0.0, 64: 0.0}), ("siglip", {16: -1.0, 64: -5.0}), ("gcl", {16: 0.0, 64: 0.0})):
+        for b in (16, 64):
+            cells[f"{series}-b{b}"] = list(30 + gap[b] + seed_effect + rng.normal(0, 0.2, 5))
+    _test_runs(tmp_path / "runs", "batch_size", cells, baseline="infonce-b64")
+    written = test_split.write_test("batch_size", tmp_path / "runs", tmp_path / "results", margin=1.5)
+    md = written["md"].read_text()
+    rows = {(r["series"], r["x"]): r for r in test_split.interactions(
+        confirm.load_test(tmp_path / "runs" / "batch_size", list(cells)), "infonce-b64", 1.5)}
+    assert set(rows) == {("siglip", 16), ("gcl", 16)}
+    # by hand: Δ per seed = (siglip16 - infonce16) - (siglip64 - infonce64)
+    d = np.array([(cells["siglip-b16"][s] - cells["infonce-b16"][s]) - (cells["siglip-b64"][s] - cells["infonce-b64"][s])
+                  for s in range(5)])
+    r = rows[("siglip", 16)]
+    assert r["delta"].mean == pytest.approx(d.mean()) and r["delta"].n == 5
+    half = stats.t.ppf(1 - 0.05 / 2 / 2, 4) * d.std(ddof=1) / math.sqrt(5)   # Bonferroni over 2 interactions
+    assert r["delta"].high - r["delta"].mean == pytest.approx(half)
+    assert r["verdict"] == "larger" and rows[("gcl", 16)]["verdict"] == "equivalent (±1.5)"
+    assert "## Interaction" in md and "| `siglip` | 16 |" in md and "Bayes ceiling t2i 46.0" in md
+    assert "`infonce-b64` (baseline)" in md
+    csv_text = written["csv"].read_text()
+    assert "Δ siglip x=16" in csv_text and "delta mean" in csv_text
+
+
+def test_no_interaction_table_without_a_series_grid(tmp_path):
+    _test_runs(tmp_path / "runs", "damsm", {"base": [30, 31, 29, 30, 30], "other": [32, 33, 31, 32, 33]}, "base")
+    md = test_split.write_test("damsm", tmp_path / "runs", tmp_path / "results")["md"].read_text()
+    assert "Interaction" not in md and "| `other` |" in md and "above" in md
+
+
+def test_requires_pulls_in_the_required_ablation_first_and_refuses_a_circle(tmp_path):
+    root = tmp_path / "abl"
+    _ablation(root, "teacher", {"t": "# t\n# @baseline\nmodel:\n  loss: infonce\n"}, {"study": True})
+    _ablation(root, "dup", {"s": "# s\n# @baseline\nmodel:\n  loss: soft_targets\n"}, {"requires": ["teacher"]})
+    _ablation(root, "other", {"o": "# o\n# @baseline\nmodel:\n  loss: infonce\n"})
+    got = C.with_requirements([C.load_ablation("other", root), C.load_ablation("dup", root)], root)
+    assert [a.name for a in got] == ["other", "teacher", "dup"] and C.required_names(got) == {"teacher"}
+    _ablation(root, "x", {"c": "# c\n# @baseline\nmodel:\n  loss: infonce\n"}, {"requires": ["y"]})
+    _ablation(root, "y", {"c": "# c\n# @baseline\nmodel:\n  loss: infonce\n"}, {"requires": ["x"]})
+    with pytest.raises(SystemExit, match="circle: x -> y -> x"):
+        C.with_requirements([C.load_ablation("x", root)], root)
+    _ablation(root, "self", {"c": "# c\n# @baseline\nmodel:\n  loss: infonce\n"}, {"requires": ["self"]})
+    with pytest.raises(SystemExit, match="'requires' lists other ablations"):
+        C.load_ablation("self", root)
+
+
+def test_required_runs_train_before_the_rest(tmp_path):
+    """Through the runner's CLI with a stand-in fit command that records the order runs start in."""
+    import os
+    import sys
+
+    from lightning_clip.grid import cli
+
+    root = tmp_path / "abl"
+    _ablation(root, "teacher", {"t": "# t\n# @baseline\n# @seeds 1\nmodel:\n  loss: infonce\ntrainer:\n  max_steps: 1\n"},
+              {"study": True})
+    _ablation(root, "dup", {f"s{i}": f"# s{i}\n{'# @baseline' if i == 0 else ''}\n# @seeds 1\nmodel:\n  loss: infonce\n"
+                                        f"trainer:\n  max_steps: {100 + i}\n" for i in range(3)}, {"requires": ["teacher"]})
+    base = tmp_path / "base.yaml"
+    base.write_text("trainer:\n  max_steps: 1\ndata:\n  batch_size: 64\n")
+    order = tmp_path / "order.txt"
+    fake = tmp_path / "fake_fit.py"
+    fake.write_text("import json, sys, pathlib\n"
+                    "run = pathlib.Path(next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--run_dir=')))\n"
+                    f"open({str(order)!r}, 'a').write(run.parent.parent.name + '\\n')\n"
+                    "run.mkdir(parents=True, exist_ok=True)\n"
+                    "(run / 'final_metrics.json').write_text(json.dumps({'step': 1}))\n")
+    rc = cli.main(["--ablation", "dup", "--ablations-dir", str(root), "--base", str(base), "--runs-dir",
+                   str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), "--jobs", "2", "--no-report",
+                   "--cmd", f"{sys.executable} {fake}"])
+    assert rc == 0
+    assert order.read_text().split() == ["teacher", "dup", "dup", "dup"]
+    assert os.path.isfile(tmp_path / "runs" / "teacher" / "t" / "seed_0" / "final_metrics.json")
