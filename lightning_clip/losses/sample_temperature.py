@@ -57,7 +57,7 @@ def inverse_temperature(ln_std: Tensor) -> Tensor:
 
 @full_precision
 def sample_temperature_terms(image: Tensor, text: Tensor, image_ln_std: Tensor, text_ln_std: Tensor,
-                             logit_scale, side: str = "query", *, normalize_inputs: bool = True,
+                             logit_scale, side: str = "query", *, normalize_inputs: bool = False,
                              gathered: bool = False) -> dict[str, Tensor]:
     """``{"i2t", "t2i"}``: cross-entropy of the local image rows and of the local caption rows, each logit
     the cosine times ``logit_scale`` times the query's (``side="query"``) or the candidate's 1 / sigma^2.
@@ -70,7 +70,9 @@ def sample_temperature_terms(image: Tensor, text: Tensor, image_ln_std: Tensor, 
     if normalize_inputs:
         image, text = normalize(image), normalize(text)
     rows = split_rows(image, text, gathered)
-    i2t, t2i = rows.pairwise(lambda a, b: a @ b.T)  # [B, N] cosines: local images / local captions as rows
+    # [B, N] s * cosine, local images / local captions as rows; formed as InfoNCE forms it, so ln sigma = 0
+    # (w = 1) gives InfoNCE's logits bit for bit
+    i2t, t2i = rows.pairwise(lambda a, b: logit_scale * a @ b.T)
     if side == "query":
         i2t = i2t * inverse_temperature(image_ln_std)[:, None]
         t2i = t2i * inverse_temperature(text_ln_std)[:, None]
@@ -80,13 +82,13 @@ def sample_temperature_terms(image: Tensor, text: Tensor, image_ln_std: Tensor, 
         i2t = i2t * inverse_temperature(text_std_all)[None, :]
         t2i = t2i * inverse_temperature(image_std_all)[None, :]
     labels = rows.labels
-    return {"i2t": F.cross_entropy(logit_scale * i2t, labels), "t2i": F.cross_entropy(logit_scale * t2i, labels)}
+    return {"i2t": F.cross_entropy(i2t, labels), "t2i": F.cross_entropy(t2i, labels)}
 
 
 def sample_temperature(image: Tensor, text: Tensor, image_ln_std: Tensor, text_ln_std: Tensor, logit_scale,
                        side: str = "query") -> Tensor:
-    """The per-sample-temperature InfoNCE on ``[N, D]`` features (L2-normalised here; they are cosines)
-    and log-stds ``[N]``; ``logit_scale`` is the multiplier exp(log_scale)."""
+    """The per-sample-temperature InfoNCE on ``[N, D]`` features that are already L2-normalised (as for
+    `infonce`) and log-stds ``[N]``; ``logit_scale`` is the multiplier exp(log_scale)."""
     terms = sample_temperature_terms(image, text, image_ln_std, text_ln_std, logit_scale, side)
     return (terms["i2t"] + terms["t2i"]) / 2
 

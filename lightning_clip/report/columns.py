@@ -34,6 +34,14 @@ METRICS = (
     Metric("train/false_negatives", "FN share", 100, 1),
     Metric("variance/text/spearman_specificity", "ρ(text var, specificity)", 1, 3, True),
     Metric("variance/image/spearman_num_objects", "ρ(image var, objects)", 1, 3, True),
+    # meru's answer to the same question (vaguer captions nearer the origin: positive), beside the variance ρ
+    Metric("hyperbolic/text/spearman_specificity", "ρ(text origin dist, specificity)", 1, 3, True),
+    # does the predicted variance say which queries fail? R@1 of the most / least certain tenth of the
+    # caption queries, and AUSE (0 = the log-std orders the misses perfectly) from the evaluation suite
+    Metric("variance/text/R@1_decile_1", "t2i R@1, lowest text var decile", 100, 1),
+    Metric("variance/text/R@1_decile_10", "t2i R@1, highest text var decile", 100, 1),
+    Metric("eval/variance_calibration/text_ause", "AUSE (text)", 1, 3, True),
+    Metric("eval/variance_calibration/image_ause", "AUSE (image)", 1, 3, True),
     Metric("variance/text/mean", "text var mean", 1, 4),
     Metric("eval/zeroshot_classification/color_shape/top1", "zero-shot colour+shape", 100, 1, True),
     Metric("eval/linear_probe/color_shape/top1", "probe colour+shape", 100, 1, True),
