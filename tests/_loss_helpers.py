@@ -25,6 +25,8 @@ CASES = [
     ("pcmepp", {"vib_beta": 0.1}),
     ("filip", {}),
     ("meru", {}),
+    # with replacement: any N (the generic tests run N = 1, 2); without, tests/test_negatives.py
+    ("sampled_infonce", {"num_negatives": 3, "replacement": True}),
 ]
 
 

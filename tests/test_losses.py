@@ -14,10 +14,11 @@ from lightning_clip.losses import functional as LF
 from lightning_clip.losses.base import LOG_SCALE_MAX
 from lightning_clip.losses.nce import sample_negatives
 from lightning_clip.losses.probabilistic import LN_STD_MAX, LN_STD_MIN
+from lightning_clip.losses.sampled_softmax import sampled_infonce
 from lightning_clip.outputs import Embeddings
 
 ALL_NAMES = {"infonce", "siglip", "soft_targets", "multi_positive", "nce", "dcl", "probabilistic", "damsm",
-             "cyclip", "hn_nce", "cloob", "pcmepp", "filip", "gcl", "meru"}
+             "cyclip", "hn_nce", "cloob", "pcmepp", "filip", "gcl", "meru", "sampled_infonce"}
 
 
 def build(case, dtype=torch.float64):
@@ -94,7 +95,7 @@ def brute_force(name: str, kwargs: dict, emb: Embeddings, module) -> float:
         return total / (2 * n)
     if name == "nce":
         k = kwargs["num_negatives"]
-        idx = sample_negatives(n, k, torch.Generator().manual_seed(0)).tolist()
+        idx = sample_negatives(n, k, torch.Generator().manual_seed(module.sampler.current_seed())).tolist()
         total = 0.0
         for d, rows in enumerate((z, zt)):
             for i in range(n):
@@ -278,8 +279,20 @@ def brute_meru(emb, module):
     return (_ce_rows(z) + _ce_rows(zt)) / (2 * n) + module.entail_weight * entail
 
 
+def brute_sampled_infonce(emb, module):
+    img, txt = unit(emb.image.tolist()), unit(emb.text.tolist())
+    n, s = len(img), module.logit_scale.item()
+    idx = sample_negatives(n, module.num_negatives, torch.Generator().manual_seed(module.sampler.current_seed()),
+                           module.replacement).tolist()
+    total = 0.0
+    for d, (a, c) in enumerate(((img, txt), (txt, img))):
+        for i in range(n):  # CE over the positive and the row's k sampled negatives
+            total += lse([s * dot(a[i], c[j]) for j in [i, *idx[d][i]]]) - s * dot(a[i], c[i])
+    return total / (2 * n)
+
+
 BRUTE_RECENT = {"cyclip": brute_cyclip, "hn_nce": brute_hn_nce, "cloob": brute_cloob, "pcmepp": brute_pcmepp,
-                "filip": brute_filip, "meru": brute_meru}
+                "filip": brute_filip, "meru": brute_meru, "sampled_infonce": brute_sampled_infonce}
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -318,6 +331,9 @@ GRADCHECKS = {
     "nce": lambda r, g: ((r(4, 3), r(4, 3), r(()), r(())),
                          lambda i, t, ls, b: LF.nce(i, t, ls.exp(), num_negatives=3, logit_bias=b,
                                                     generator=torch.Generator().manual_seed(1))),
+    "sampled_infonce": lambda r, g: ((r(4, 3), r(4, 3), r(())),
+                                     lambda i, t, ls: sampled_infonce(i, t, ls.exp(), num_negatives=2,
+                                                                      generator=torch.Generator().manual_seed(1))),
     "dcl": lambda r, g: ((r(4, 3), r(4, 3), r(())), lambda i, t, ls: LF.dcl(i, t, ls.exp())),
     "probabilistic-proposal": lambda r, g: ((r(4, 3), r(4, 3), r(4) / 4, r(4) / 4),
                                             lambda i, t, a, b: LF.probabilistic(i, t, a, b, mode="proposal")),
@@ -575,7 +591,8 @@ EXPECTED_TERMS = {"infonce": {"i2t", "t2i"}, "siglip": {"positive", "negative"},
                   "probabilistic": {"i2t", "t2i", "image_ln_std", "text_ln_std"},
                   "damsm": {"sentence", "word"}, "cyclip": {"i2t", "t2i", "in_modal", "cross_modal"},
                   "hn_nce": {"i2t", "t2i"}, "cloob": {"i2t", "t2i"}, "filip": {"i2t", "t2i"},
-                  "pcmepp": {"bce", "vib", "image_ln_std", "text_ln_std"}, "meru": {"i2t", "t2i", "entailment"}}
+                  "pcmepp": {"bce", "vib", "image_ln_std", "text_ln_std"}, "meru": {"i2t", "t2i", "entailment"},
+                  "sampled_infonce": {"i2t", "t2i"}}
 EXPECTED_NEEDS = {"multi_positive": {"groups"}, "probabilistic": {"image_ln_std", "text_ln_std"},
                   "damsm": {"regions", "words"}, "pcmepp": {"image_ln_std", "text_ln_std"},
                   "filip": {"regions", "words"}}
@@ -592,7 +609,7 @@ def test_module_terms_needs_and_defaults(case):
     scalars = module.scalars()
     defaults = {"infonce": 1 / 0.07, "dcl": 1 / 0.07, "multi_positive": 1 / 0.07, "siglip": 10.0, "nce": 10.0,
                 "cyclip": 1 / 0.07, "hn_nce": 1 / 0.07, "filip": 1 / 0.07, "cloob": 30.0, "pcmepp": 5.0,
-                "meru": 1 / 0.07}
+                "meru": 1 / 0.07, "sampled_infonce": 1 / 0.07}
     if name in defaults:
         assert scalars["scale"] == pytest.approx(defaults[name], rel=1e-6)
     if name == "siglip":

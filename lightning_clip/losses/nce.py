@@ -119,7 +119,8 @@ class NegativeSampler(nn.Module):
         self.resolved_seed: Optional[int] = None  # the integer the training generator was seeded with
         self._generator: Optional[torch.Generator] = None
 
-    def _seed(self) -> int:
+    def current_seed(self) -> int:
+        """The seed the training generator has (or will get at its first draw)."""
         if self.resolved_seed is not None:
             return self.resolved_seed
         return run_seed() if self.seed == "run" else self.seed
@@ -128,9 +129,9 @@ class NegativeSampler(nn.Module):
         if self.seed is None:
             return None
         if not training:
-            return torch.Generator().manual_seed(self._seed())
+            return torch.Generator().manual_seed(self.current_seed())
         if self._generator is None:
-            self.resolved_seed = self._seed()
+            self.resolved_seed = self.current_seed()
             self._generator = torch.Generator().manual_seed(self.resolved_seed)
         return self._generator
 
