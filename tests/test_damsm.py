@@ -63,7 +63,7 @@ def local_embeddings(n=5, regions=4, words=6, dim=3, seed=0):
 @pytest.mark.parametrize("direction", [None, "i2t", "t2i"])
 def test_similarity_from_packed_tokens_is_r_of_eq_8_to_10(direction):
     emb = local_embeddings()
-    module = build_loss("damsm")
+    module = build_loss("damsm", retrieval="word")
     pi, pt = module.retrieval_inputs(emb)
     assert pi.shape == (5, 4, 4) and pt.shape == (5, 6, 4) and pi.dtype == torch.float64
     sim = module.similarity(pi, pt, direction=direction)
@@ -80,7 +80,7 @@ def test_similarity_from_packed_tokens_is_r_of_eq_8_to_10(direction):
 
 def test_gammas_reach_the_retrieval_score():
     emb = local_embeddings()
-    module = build_loss("damsm", gamma1=2.0, gamma2=7.0)
+    module = build_loss("damsm", gamma1=2.0, gamma2=7.0, retrieval="word")
     sim = module.similarity(*module.retrieval_inputs(emb))
     torch.testing.assert_close(sim, brute_relevance(emb.regions, emb.region_mask, emb.words, emb.word_mask,
                                                     2.0, 7.0), rtol=1e-10, atol=1e-12)
@@ -94,7 +94,7 @@ def test_blockwise_equals_one_shot_across_block_boundaries(monkeypatch):
     blocks = D.word_relevance_blocks(x, xm, y, ym, block=64 * 12 * 2)
     torch.testing.assert_close(blocks, one, rtol=1e-12, atol=1e-12)
     # the module's similarity reads the module-level block size at call time
-    module = build_loss("damsm")
+    module = build_loss("damsm", retrieval="word")
     monkeypatch.setattr(D, "_BLOCK", 1)  # one pair per block
     pi, pt = D.pack_tokens(x, xm), D.pack_tokens(y, ym)
     torch.testing.assert_close(module.similarity(pi, pt), one, rtol=1e-12, atol=1e-12)
@@ -102,7 +102,7 @@ def test_blockwise_equals_one_shot_across_block_boundaries(monkeypatch):
 
 def test_padding_changes_nothing():
     emb = local_embeddings()
-    module = build_loss("damsm")
+    module = build_loss("damsm", retrieval="word")
     pi, pt = module.retrieval_inputs(emb)
     garbage = Embeddings(**{**emb.__dict__,
                             "words": emb.words.masked_fill(~emb.word_mask[..., None], 1e3),
@@ -134,16 +134,16 @@ def test_retrieval_modes_sentence_and_both():
     assert torch.equal(both.similarity(pi, pt).argsort(1), (10.0 * (r + cos)).argsort(1))
     # without tokens (no local heads) every mode falls back to the pooled cosine
     bare = Embeddings(emb.image, emb.text)
-    for module in (build_loss("damsm"), both):
+    for module in (build_loss("damsm", retrieval="word"), both):
         torch.testing.assert_close(module.similarity(*module.retrieval_inputs(bare)), cos.float())
     with pytest.raises(ValueError, match="only one side"):
-        both.similarity(pi, build_loss("damsm").retrieval_inputs(emb)[1])
+        both.similarity(pi, build_loss("damsm", retrieval="word").retrieval_inputs(emb)[1])
 
 
 # -- terms ------------------------------------------------------------------------------------------------
 def test_terms_give_the_expected_sums():
     emb = local_embeddings(n=6)
-    full = build_loss("damsm")(emb)
+    full = build_loss("damsm", retrieval="word")(emb)
     assert set(full.terms) == {"word", "sentence"}
     torch.testing.assert_close(full.loss, full.terms["word"] + full.terms["sentence"])
     # closed forms: sentence = both InfoNCE directions summed at scale gamma3 (2 x their mean);
@@ -154,13 +154,13 @@ def test_terms_give_the_expected_sums():
     labels = torch.arange(6)
     word = F.cross_entropy(r, labels) + F.cross_entropy(r.T, labels)
     torch.testing.assert_close(full.terms["word"], word, rtol=1e-10, atol=0)
-    only_word = build_loss("damsm", terms="word")(emb)
+    only_word = build_loss("damsm", terms="word", retrieval="word")(emb)
     assert set(only_word.terms) == {"word"} and torch.equal(only_word.loss, full.terms["word"])
     only_sentence = build_loss("damsm", terms="sentence", retrieval="sentence")
     assert only_sentence.needs == frozenset()  # ClipModule builds no region/word heads for it
     out = only_sentence(Embeddings(emb.image, emb.text))  # no tokens needed
     assert set(out.terms) == {"sentence"} and torch.equal(out.loss, full.terms["sentence"])
-    assert build_loss("damsm").needs == build_loss("damsm", terms="word").needs == {"regions", "words"}
+    assert build_loss("damsm", retrieval="word").needs == build_loss("damsm", terms="word", retrieval="word").needs == {"regions", "words"}
     # the pure function agrees with the module
     torch.testing.assert_close(LF.damsm(None, None, None, None, image=emb.image, text=emb.text, terms="sentence"),
                                full.terms["sentence"])
@@ -178,7 +178,7 @@ def test_learned_gamma3_is_a_clamped_log_scale_without_decay_with_a_gradient():
     assert module.log_scale.requires_grad and "log_scale" in module.no_decay
     assert module.scalars()["scale"] == pytest.approx(10.0, rel=1e-6)
     emb = local_embeddings(n=5)
-    fixed = build_loss("damsm")(emb)
+    fixed = build_loss("damsm", retrieval="word")(emb)
     out = module(emb)
     # the same loss at init (up to ln 10 stored in float32 before .double())
     torch.testing.assert_close(out.loss, fixed.loss, rtol=1e-6, atol=0)
@@ -232,8 +232,9 @@ def test_learned_gamma3_gets_no_weight_decay_in_the_module():
     ({"gamma1": 0.0}, r"gamma1 \(option model\.loss_args\.gamma1\) must be a finite number > 0"),
     ({"gamma3": float("nan")}, r"gamma3 \(option model\.loss_args\.gamma3\)"),
     ({"gamma3": 200.0, "learn_gamma3": True}, r"gamma3 \(option model\.loss_args\.gamma3\) must be in \[1, 100\]"),
-    ({"terms": "sentence"}, r"retrieval 'word' \(option model\.loss_args\.retrieval\).*terms 'sentence'.*"
-                            r"set retrieval to one of \('sentence',\)"),
+    ({"terms": "sentence", "retrieval": "word"}, r"retrieval 'word' \(option model\.loss_args\.retrieval\).*"
+                                                 r"terms 'sentence'.*set retrieval to one of \('sentence',\)"),
+    ({"terms": "word"}, r"retrieval 'sentence' .*terms 'word'.*set retrieval to one of \('word',\)"),
     ({"terms": "word", "retrieval": "both"}, r"ranks by the sentence level"),
 ])
 def test_bad_options_name_the_option(kwargs, match):
@@ -285,7 +286,7 @@ def test_validation_and_evaluation_rank_by_r_in_a_clip_module():
     from lightning_clip.eval.embed import embed_split
     from lightning_clip.eval.suite import retrieval_record_metrics
 
-    m, items, batches = _tiny_world()
+    m, items, batches = _tiny_world({"retrieval": "word"})
     with torch.no_grad():
         embs = [m(b) for b in batches]
     regions = torch.cat([e.regions for e in embs]).double()
@@ -329,3 +330,11 @@ def test_validation_and_evaluation_rank_by_r_in_a_clip_module():
     _, cos_i2t, cos_t2i = retrieval_record_metrics(cos_split, m.loss.similarity)
     assert torch.equal(cos_t2i, _ranks(cos.T, own[:, None] == torch.arange(6)[None, :]))
     assert not torch.equal(cos_t2i, t2i)
+
+
+def test_the_default_ranks_by_the_pooled_cosine_as_the_losses_runs_did():
+    emb = local_embeddings()
+    module = build_loss("damsm")
+    assert module.retrieval == "sentence"
+    image, text = module.retrieval_inputs(emb)
+    assert image.shape == emb.image.shape and torch.equal(text, emb.text)

@@ -27,8 +27,9 @@ regions out of the softmax over regions. All N x N (image, caption) pairs are co
 einsums; cos(c_l, e_l) is expanded through the region Gram matrix so that no [N, N, L, D] tensor is built
 (memory N^2 * L * R).
 
-Retrieval (option ``retrieval``) ranks by what the loss trains: "word" (the default) by R(a, b) alone,
-"sentence" by the pooled cosine, "both" by R + cos. Why that sum: the loss adds the two cross-entropies,
+Retrieval (option ``retrieval``) ranks by what the loss trains: "word" by R(a, b) alone, "sentence" (the
+default, so that the `losses` runs, tuned and compared at the pooled cosine, keep their meaning; the
+`damsm` ablation asks what ranking by R changes) by the pooled cosine, "both" by R + cos. Why that sum: the loss adds the two cross-entropies,
 and CE(gamma3 R) + CE(gamma3 cos) is, up to a per-row constant, the cross-entropy of the normalised
 product of the two softmaxes, whose logits are gamma3 (R + cos); gamma3 scales both and does not change a
 ranking. R is one matrix for both directions (images rank captions and captions rank images by the same
@@ -180,7 +181,7 @@ class DAMSMLoss(ContrastiveLoss):
     and evaluation rank by ``retrieval`` (module doc)."""
 
     def __init__(self, gamma1: float = 4.0, gamma2: float = 5.0, gamma3: float = 10.0,
-                 retrieval: str = "word", terms: str = "word+sentence", learn_gamma3: bool = False):
+                 retrieval: str = "sentence", terms: str = "word+sentence", learn_gamma3: bool = False):
         for name, value in (("gamma1", gamma1), ("gamma2", gamma2), ("gamma3", gamma3)):
             finite_number("damsm", name, value, above=0.0)
         choice("damsm", "retrieval", retrieval, RETRIEVALS)
