@@ -19,6 +19,7 @@ from lightning_clip.losses import build_loss
 from lightning_clip.losses._inputs import NonFiniteError
 from lightning_clip.models import ImageTower, ProjectionHead, TextTower, VarianceHead
 from lightning_clip.outputs import Embeddings
+from lightning_clip.teacher import TeacherHolder, load_teacher
 
 
 def logging_step(trainer) -> bool:
@@ -62,6 +63,7 @@ class ClipModule(L.LightningModule):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.0,
         negatives_from: int = 1,
+        teacher: Optional[str] = None,
     ):
         """
         Args:
@@ -86,6 +88,8 @@ class ClipModule(L.LightningModule):
                 embeddings are cached without graph, the loss is taken over all k*B pairs, then each
                 micro-batch's forward is replayed (same RNG state, so dropout matches) to back-propagate.
                 Unlike `accumulate_grad_batches`, this adds negatives. One optimizer step per k batches.
+            teacher: a ClipModule checkpoint or run folder, loaded frozen for a loss that needs a teacher
+                (`soft_targets` with `targets: teacher`); kept out of this module's optimizer and checkpoint.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -98,6 +102,13 @@ class ClipModule(L.LightningModule):
         self._cache: list[tuple[dict, tuple]] = []
         self.loss = build_loss(loss, **(loss_args or {}))
         needs = self.loss.needs
+        self._teacher: Optional[TeacherHolder] = None
+        if ("teacher" in needs) != bool(teacher):
+            raise ValueError(f"model.teacher={teacher!r}: model.loss {loss!r} with loss_args {loss_args or {}} "
+                             + ("takes its targets from a frozen teacher; set model.teacher to a ClipModule "
+                                "checkpoint or run folder" if not teacher else "uses no teacher; remove it"))
+        if teacher:
+            self._teacher = TeacherHolder(load_teacher(type(self), teacher, self.hparams))
         self.image_tower = ImageTower(image_model, pretrained=image_pretrained, image_size=image_size,
                                       channels_last=channels_last, autocast=image_autocast,
                                       **(image_model_args or {}))
@@ -136,6 +147,8 @@ class ClipModule(L.LightningModule):
             emb.relevance = meta["relevance"]
         if "ids" in self.loss.needs:  # per-item state (gcl) is keyed by the rows' identities
             emb.image_ids, emb.text_ids = item_ids(meta, emb.batch_size, emb.image.device)
+        if self._teacher is not None:
+            emb.teacher_image, emb.teacher_text = self._teacher.features(batch, emb.image)
         return emb
 
     def _image_features(self, batch: dict) -> tuple[Tensor, Tensor]:

@@ -33,6 +33,9 @@ class Embeddings:
       ``positives="oracle"``). It describes one local batch: it is not gathered across ranks.
     - ``image_ids``, ``text_ids``: ``[N]`` long identities of each row's image and caption (53-bit
       hashes, equal across runs and ranks), for losses that keep per-item state (``gcl``).
+    - ``teacher_image``, ``teacher_text``: ``[N, D_teacher]`` L2-normalised projections of the same rows by
+      a frozen teacher model (``model.teacher``), without gradient; present only for losses that ask for
+      them (``soft_targets`` with ``targets="teacher"``: its soft targets come from them).
     """
 
     image: Tensor
@@ -48,6 +51,8 @@ class Embeddings:
     relevance: Optional[Tensor] = None
     image_ids: Optional[Tensor] = None
     text_ids: Optional[Tensor] = None
+    teacher_image: Optional[Tensor] = None
+    teacher_text: Optional[Tensor] = None
 
     def map(self, fn) -> "Embeddings":
         """Apply ``fn`` to every tensor field that is set (detach, move, cast, gather...)."""
