@@ -17,6 +17,8 @@ CASES = [
     ("dcl", {}),
     ("probabilistic", {"mode": "proposal"}),
     ("probabilistic", {"mode": "gaussian"}),
+    ("sample_temperature", {}),
+    ("sample_temperature", {"side": "candidate"}),
     ("damsm", {}),
     ("cyclip", {}),
     ("hn_nce", {}),

@@ -132,8 +132,10 @@ def test_shipped_ablations_are_well_formed():
     root = REPO / "experiments" / "ablations"
     names = cells.available(root)
     assert names[:5] == ["losses", "batch_size", "batch_steps", "duplicates", "variance"] and "real" in names
-    assert "convergence" in names and cells.load_ablation("convergence", root).study  # run only when named
-    assert not any(cells.load_ablation(n, root).study for n in names if n != "convergence")
+    # studies run only when named: the budget studies, and the teacher the duplicates ablation requires
+    studies = {"convergence", "batch_convergence", "teacher"}
+    assert studies <= set(names) and all(cells.load_ablation(n, root).study for n in studies)
+    assert not any(cells.load_ablation(n, root).study for n in names if n not in studies)
     for name in names:
         a = cells.load_ablation(name, root)
         assert a.cells[0].baseline

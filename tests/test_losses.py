@@ -14,11 +14,12 @@ from lightning_clip.losses import functional as LF
 from lightning_clip.losses.base import LOG_SCALE_MAX
 from lightning_clip.losses.nce import sample_negatives
 from lightning_clip.losses.probabilistic import LN_STD_MAX, LN_STD_MIN
+from lightning_clip.losses.sample_temperature import sample_temperature
 from lightning_clip.losses.sampled_softmax import sampled_infonce
 from lightning_clip.outputs import Embeddings
 
 ALL_NAMES = {"infonce", "siglip", "soft_targets", "multi_positive", "nce", "dcl", "probabilistic", "damsm",
-             "cyclip", "hn_nce", "cloob", "pcmepp", "filip", "gcl", "meru", "sampled_infonce"}
+             "cyclip", "hn_nce", "cloob", "pcmepp", "filip", "gcl", "meru", "sample_temperature", "sampled_infonce"}
 
 
 def build(case, dtype=torch.float64):
@@ -73,6 +74,14 @@ def brute_force(name: str, kwargs: dict, emb: Embeddings, module) -> float:
         i2t = [lse([logit(dist[i][j], tls[j]) for j in range(n)]) - logit(dist[i][i], tls[i]) for i in range(n)]
         t2i = [lse([logit(dist[i][j], ils[i]) for i in range(n)]) - logit(dist[j][j], ils[j]) for j in range(n)]
         return (sum(i2t) + sum(t2i)) / (2 * n)
+    if name == "sample_temperature":  # s * cos / sigma^2 of the query (or of the candidate)
+        img, txt = unit(img), unit(txt)
+        w = [[math.exp(-2 * min(max(v, LN_STD_MIN), LN_STD_MAX)) for v in t.tolist()]
+             for t in (emb.image_ln_std, emb.text_ln_std)]
+        query = kwargs.get("side", "query") == "query"
+        z = [[s * (w[0][i] if query else w[1][j]) * dot(img[i], txt[j]) for j in range(n)] for i in range(n)]
+        zt = [[s * (w[1][j] if query else w[0][i]) * dot(img[i], txt[j]) for i in range(n)] for j in range(n)]
+        return sum(lse(z[i]) - z[i][i] + lse(zt[i]) - zt[i][i] for i in range(n)) / (2 * n)
     if name == "damsm":
         return brute_damsm(emb, module)
     if name in BRUTE_RECENT:
@@ -335,6 +344,13 @@ GRADCHECKS = {
                                      lambda i, t, ls: sampled_infonce(i, t, ls.exp(), num_negatives=2,
                                                                       generator=torch.Generator().manual_seed(1))),
     "dcl": lambda r, g: ((r(4, 3), r(4, 3), r(())), lambda i, t, ls: LF.dcl(i, t, ls.exp())),
+    "sample_temperature-query": lambda r, g: ((r(4, 3), r(4, 3), r(4) / 4, r(4) / 4, r(())),
+                                              lambda i, t, a, b, ls: sample_temperature(
+                                                  F.normalize(i, dim=-1), F.normalize(t, dim=-1), a, b, ls.exp())),
+    "sample_temperature-candidate": lambda r, g: ((r(4, 3), r(4, 3), r(4) / 4, r(4) / 4, r(())),
+                                                  lambda i, t, a, b, ls: sample_temperature(
+                                                      F.normalize(i, dim=-1), F.normalize(t, dim=-1), a, b, ls.exp(),
+                                                      side="candidate")),
     "probabilistic-proposal": lambda r, g: ((r(4, 3), r(4, 3), r(4) / 4, r(4) / 4),
                                             lambda i, t, a, b: LF.probabilistic(i, t, a, b, mode="proposal")),
     "probabilistic-gaussian": lambda r, g: ((r(4, 3), r(4, 3), r(4) / 4, r(4) / 4),
@@ -589,11 +605,13 @@ def test_unknown_loss_name_lists_every_registered_family():
 EXPECTED_TERMS = {"infonce": {"i2t", "t2i"}, "siglip": {"positive", "negative"}, "soft_targets": {"i2t", "t2i"},
                   "multi_positive": {"i2t", "t2i", "positives"}, "nce": {"i2t", "t2i"}, "dcl": {"i2t", "t2i"},
                   "probabilistic": {"i2t", "t2i", "image_ln_std", "text_ln_std"},
+                  "sample_temperature": {"i2t", "t2i", "image_ln_std", "text_ln_std"},
                   "damsm": {"sentence", "word"}, "cyclip": {"i2t", "t2i", "in_modal", "cross_modal"},
                   "hn_nce": {"i2t", "t2i"}, "cloob": {"i2t", "t2i"}, "filip": {"i2t", "t2i"},
                   "pcmepp": {"bce", "vib", "image_ln_std", "text_ln_std"}, "meru": {"i2t", "t2i", "entailment"},
                   "sampled_infonce": {"i2t", "t2i"}}
 EXPECTED_NEEDS = {"multi_positive": {"groups"}, "probabilistic": {"image_ln_std", "text_ln_std"},
+                  "sample_temperature": {"image_ln_std", "text_ln_std"},
                   "damsm": {"regions", "words"}, "pcmepp": {"image_ln_std", "text_ln_std"},
                   "filip": {"regions", "words"}}
 
@@ -609,7 +627,7 @@ def test_module_terms_needs_and_defaults(case):
     scalars = module.scalars()
     defaults = {"infonce": 1 / 0.07, "dcl": 1 / 0.07, "multi_positive": 1 / 0.07, "siglip": 10.0, "nce": 10.0,
                 "cyclip": 1 / 0.07, "hn_nce": 1 / 0.07, "filip": 1 / 0.07, "cloob": 30.0, "pcmepp": 5.0,
-                "meru": 1 / 0.07, "sampled_infonce": 1 / 0.07}
+                "meru": 1 / 0.07, "sampled_infonce": 1 / 0.07, "sample_temperature": 1 / 0.07}
     if name in defaults:
         assert scalars["scale"] == pytest.approx(defaults[name], rel=1e-6)
     if name == "siglip":
