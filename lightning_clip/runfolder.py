@@ -1,6 +1,7 @@
 """What `python -m lightning_clip fit` checks and holds in a run folder before it writes anything there:
 one owner at a time (`RunFolderLock`), a checkpoint that can be read (`check_checkpoint`), and a run that
-failed to write its files not left looking finished (`mark_unfinished`).
+failed to write its files not left looking finished (`mark_unfinished`); and where a finished run keeps
+its checkpoint (`find_checkpoint`: evaluation and a frozen teacher both read it).
 
 Refusals raise `UserError`: one line ``error: ...`` on stderr and exit status 2 (`lightning_clip.cli.main`
 prints it), like the parser's own errors; tracebacks are left to bugs.
@@ -104,3 +105,20 @@ def mark_unfinished(run_dir: Path, metrics_name: str) -> Optional[Path]:
     dst = src.with_name(UNFINISHED)
     os.replace(src, dst)
     return dst
+
+
+def find_checkpoint(path: str | os.PathLike, option: str = "--ckpt_path", hint: str = "") -> Path:
+    """The checkpoint file of ``path``: the file itself, or of a run folder its ``checkpoints/last.ckpt``,
+    else the newest ``*.ckpt`` there. ``option`` names the setting in the error, ``hint`` what to do."""
+    p = Path(path)
+    if p.is_dir():
+        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        last = folder / "last.ckpt"
+        found = [last] if last.exists() else sorted(folder.glob("*.ckpt"), key=lambda f: f.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"{option}={path}: no checkpoint in {folder} (a finished run keeps one "
+                                    f"under RUN/checkpoints){hint}")
+        return found[-1]
+    if not p.exists():
+        raise FileNotFoundError(f"{option}={path} does not exist{hint}")
+    return p

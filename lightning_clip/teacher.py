@@ -8,7 +8,6 @@ again from there.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def resolve_checkpoint(path: str | os.PathLike, option: str) -> Path:
-    """The checkpoint file of ``path``: the file itself, or of a run folder its ``checkpoints/last.ckpt``,
-    else the newest ``*.ckpt`` there (the rule of ``python -m lightning_clip eval --ckpt_path=<run>``;
-    kept here because training code must not import the evaluation room). ``option`` names the setting
-    in the error."""
-    p = Path(path)
-    if p.is_dir():
-        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        last = folder / "last.ckpt"
-        found = [last] if last.exists() else sorted(folder.glob("*.ckpt"), key=lambda f: f.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"{option}={path}: no checkpoint in {folder} (a finished run keeps one "
-                                    "under RUN/checkpoints); train the teacher first")
-        return found[-1]
-    if not p.exists():
-        raise FileNotFoundError(f"{option}={path} does not exist (a .ckpt file or a run folder); train the "
-                                "teacher first")
-    return p
+from lightning_clip.runfolder import find_checkpoint
 
 
 def load_teacher(cls: Any, path: str, student_hparams: Any, option: str = "model.teacher") -> nn.Module:
@@ -42,7 +23,7 @@ def load_teacher(cls: Any, path: str, student_hparams: Any, option: str = "model
     hyperparameters from the checkpoint, on the CPU, in eval mode, every parameter frozen. Refuses what
     cannot work: an unreadable checkpoint, one that is not a ClipModule's, and a teacher whose text tower
     reads another vocabulary (its token ids would mean other words) or whose images have another size."""
-    ckpt = resolve_checkpoint(path, option)
+    ckpt = find_checkpoint(path, option, "; train the teacher first (a .ckpt file or a run folder)")
     try:
         teacher = cls.load_from_checkpoint(str(ckpt), map_location="cpu")
     except Exception as e:  # noqa: BLE001 - torch and Lightning raise many kinds for a bad file

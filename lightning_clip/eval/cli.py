@@ -19,25 +19,15 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from lightning_clip.files import atomic_write
+from lightning_clip.runfolder import find_checkpoint
 
 #: how many training images the linear probes are fitted on (CLIP_benchmark fits on a dataset's train split)
 PROBE_IMAGES = 2000
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(checkpoint file, run folder) from a checkpoint path or a run folder (its ``checkpoints/last.ckpt``,
-    else the newest ``*.ckpt`` there)."""
-    p = Path(path)
-    if p.is_dir():
-        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        last = folder / "last.ckpt"
-        found = [last] if last.exists() else sorted(folder.glob("*.ckpt"), key=lambda f: f.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"--ckpt_path={path}: no checkpoint in {folder} (a finished run keeps one "
-                                    "under RUN/checkpoints)")
-        p = found[-1]
-    elif not p.exists():
-        raise FileNotFoundError(f"--ckpt_path={path} does not exist")
+    """(checkpoint file, run folder) from a checkpoint path or a run folder (`runfolder.find_checkpoint`)."""
+    p = find_checkpoint(path)
     run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     return p, run
 
