@@ -85,6 +85,14 @@ def test_quick_reads_the_committed_tuning_file_when_the_quick_one_lacks_the_cell
     resolved = inherit.resolve(C.load_ablation("d", tmp_path / "abl"), tmp_path / "runs", tmp_path / "results" / "quick",
                                quick=True, log=lambda m: None)
     assert yaml.safe_load(resolved.baseline.overlay.read_text()) == {"model": {"lr": 0.004}}
+    # with no chosen setting anywhere, a quick run still runs the cell (as written), where a full one skips it
+    (tmp_path / "results" / "losses_tuning.yaml").unlink()
+    said = []
+    quick = inherit.resolve(C.load_ablation("d", tmp_path / "abl"), tmp_path / "runs", tmp_path / "results" / "quick",
+                            quick=True, log=said.append)
+    assert quick.baseline.overlay is None and "runs without" in said[0]
+    assert inherit.resolve(C.load_ablation("d", tmp_path / "abl"), tmp_path / "runs", tmp_path / "results",
+                           log=lambda m: None) is None
 
 
 @pytest.mark.parametrize("line", ["# @from losses", "# @from losses/a/b", "# @from a/b c/d"])

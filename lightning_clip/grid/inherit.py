@@ -8,7 +8,8 @@ minus every key the cell sets itself, so the cell's own question (its batch size
 
 A missing chosen setting skips the cell with a message, as a missing `# @data` folder does: a fresh clone
 without the tuning file still runs the rest. Under --quick the quick tuning file is read when it has the
-cell, else the committed one (the quick smoke run checks the mechanism, not the values).
+cell, else the committed one, else the cell runs as written (the quick smoke run checks the mechanism and
+the stages after it, not the values).
 """
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ def resolve(ablation: Ablation, runs_dir: Path, results_dir: Path, *, quick: boo
         source, name = cell.start_from
         chosen, path = _chosen(results_dir, source, quick)
         entry = chosen.get(name)
+        if entry is None and quick:
+            log(f"--quick: {ablation.name}/{cell.name} runs without '# @from {source}/{name}' ({path} has no "
+                "chosen setting for it)")
+            cells.append(cell)
+            continue
         if entry is None:
             log(f"skipping {ablation.name}/{cell.name}: '# @from {source}/{name}' but {path} has no chosen setting "
                 f"for {name} (run `make ablate ABLATION={source} STAGES=tune`, or commit its tuning file)")
