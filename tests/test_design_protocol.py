@@ -209,3 +209,10 @@ def test_required_runs_train_before_the_rest(tmp_path):
     assert rc == 0
     assert order.read_text().split() == ["teacher", "dup", "dup", "dup"]
     assert os.path.isfile(tmp_path / "runs" / "teacher" / "t" / "seed_0" / "final_metrics.json")
+
+
+def test_one_seed_cells_get_no_verdict(tmp_path):
+    _test_runs(tmp_path / "runs", "quick", {"base": [30.0], "other": [31.0]}, "base")
+    md = test_split.write_test("quick", tmp_path / "runs", tmp_path / "results")["md"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| `other`"))
+    assert row.endswith("| 1.0 (1) |  |") and "undecided" not in md

@@ -92,7 +92,7 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
         lines.append("| " + " | ".join([
             f"`{c}`" + (" (baseline)" if c == baseline else ""), *(_ci(r[f"tuned {s}"]) for s in SHOWN),
             (_ci(vs) + (f", Holm p {r['holm p']:.3f}" if math.isfinite(r["holm p"]) else "")) if vs else "",
-            r.get("verdict", "")]) + " |")
+            r.get("verdict", "") if vs is not None and vs.n >= 2 else ""]) + " |")
     lines += ["", f"Cell − baseline: paired by seed, Bonferroni interval at family-wise 95% over {m} comparisons; "
               f"verdicts by Holm at 5% (difference) and by TOST with margin ±{margin:g} points, Holm-adjusted "
               "(equivalence). One-seed cells have no interval and no verdict."]
