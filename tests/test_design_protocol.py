@@ -216,3 +216,53 @@ def test_one_seed_cells_get_no_verdict(tmp_path):
     md = test_split.write_test("quick", tmp_path / "runs", tmp_path / "results")["md"].read_text()
     row = next(line for line in md.splitlines() if line.startswith("| `other`"))
     assert row.endswith("| 1.0 (1) |  |") and "undecided" not in md
+
+
+def test_a_run_reference_follows_the_runs_folder_and_the_referenced_runs_stamp(tmp_path):
+    _ablation(tmp_path / "abl", "dup", {"s": "# s\n# @baseline\nmodel:\n  loss: soft_targets\n"
+                                             "  teacher: \"{runs}/teacher/t/seed_0\"\n"})
+    a = C.load_ablation("dup", tmp_path / "abl")
+    for runs_dir in (tmp_path / "runs", tmp_path / "runs" / "quick"):
+        run = plan_runs(a, [0], runs_dir)[0]
+        assert f"--model.teacher={runs_dir / 'teacher/t/seed_0'}" in run.args
+        assert run.args.index(f"--model.teacher={runs_dir / 'teacher/t/seed_0'}") < run.args.index(f"--run_dir={run.run_dir}")
+    before = plan_runs(a, [0], tmp_path / "runs")[0].fingerprint
+    teacher = tmp_path / "runs" / "teacher" / "t" / "seed_0"
+    teacher.mkdir(parents=True)
+    (teacher / "DONE").write_text(json.dumps({"fingerprint": "abc"}))
+    first = plan_runs(a, [0], tmp_path / "runs")[0].fingerprint
+    (teacher / "DONE").write_text(json.dumps({"fingerprint": "retrained"}))
+    assert len({before, first, plan_runs(a, [0], tmp_path / "runs")[0].fingerprint}) == 3
+    # the same plan in another runs folder is the same run (the folder is not part of the identity)
+    assert plan_runs(a, [0], tmp_path / "elsewhere")[0].fingerprint == before
+
+
+def test_from_cells_are_resolved_after_the_tune_stage_and_overlays_are_named_by_content(tmp_path):
+    import sys
+
+    from lightning_clip.grid import cli
+
+    root = tmp_path / "abl"
+    _ablation(root, "plain", {"p": "# p\n# @baseline\n# @seeds 1\nmodel:\n  loss: infonce\n"})
+    _ablation(root, "design", {"d": "# d\n# @baseline\n# @seeds 1\n# @from losses/infonce\nmodel:\n  loss: infonce\n"})
+    results = tmp_path / "results"
+    _tuning(results, "losses", {"infonce": {"model.lr": 0.003}})
+    base = tmp_path / "base.yaml"
+    base.write_text("trainer:\n  max_steps: 1\n")
+    order = tmp_path / "order.txt"
+    fake = tmp_path / "fake_fit.py"
+    fake.write_text("import json, sys, pathlib\n"
+                    "run = pathlib.Path(next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--run_dir=')))\n"
+                    f"open({str(order)!r}, 'a').write(run.parent.parent.name + '\\n')\n"
+                    "run.mkdir(parents=True, exist_ok=True)\n"
+                    "(run / 'final_metrics.json').write_text(json.dumps({'step': 1}))\n")
+    argv = ["--ablation", "design", "plain", "--ablations-dir", str(root), "--base", str(base), "--runs-dir",
+            str(tmp_path / "runs"), "--results-dir", str(results), "--no-report", "--cmd", f"{sys.executable} {fake}"]
+    assert cli.main(argv) == 0
+    assert order.read_text().split() == ["plain", "design"]   # the design after everything it may read
+    overlays = list((tmp_path / "runs" / "design" / inherit.FOLDER).glob("d-*.yaml"))
+    assert len(overlays) == 1 and yaml.safe_load(overlays[0].read_text()) == {"model": {"lr": 0.003}}
+    assert cli.main(argv) == 0 and order.read_text().split() == ["plain", "design"]   # nothing redone
+    _tuning(results, "losses", {"infonce": {"model.lr": 0.002}})   # a new choice: a new file, the run redone
+    assert cli.main(argv) == 0 and order.read_text().split() == ["plain", "design", "design"]
+    assert len(list((tmp_path / "runs" / "design" / inherit.FOLDER).glob("d-*.yaml"))) == 2

@@ -11,7 +11,7 @@ becomes the cell's description in the tables); lines starting with `# @` are dir
     # @data VAR DEFAULT  the cell reads shards from $VAR (default DEFAULT), a folder with train/ and val/;
                          the runner passes --data.train_shards/--data.val_shards, and skips the cell with
                          a message when the folder is absent (real data is not on every machine)
-    # @seeds N           this cell's number of seeds (0..N-1) instead of 3. `--seeds` on the command line
+    # @seeds N           this cell's number of seeds (0..N-1) instead of 3 (5 on the test protocol). `--seeds` on the command line
                          overrides every cell; `--quick` uses 1.
     # @tune KEY KIND ARGS  one dimension of the cell's search space for the tuning stage (grid.tuning):
                          KIND log|float LOW HIGH, int|logint LOW HIGH, or choice V1 V2 ...; KEY a config

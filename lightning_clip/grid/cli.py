@@ -146,7 +146,7 @@ def _ablations(args) -> list[C.Ablation]:
     return [a.quick_subset() for a in ablations if any(c.quick for c in a.cells)]
 
 
-def _reports(ablations, plans, confirmed, runs_dir: Path, results_dir: Path) -> list[str]:
+def _reports(ablations, plans, confirmed, runs_dir: Path, results_dir: Path, test_split: bool = True) -> list[str]:
     """Every table; a problem is returned as a message, so that it does not hide the run summary. An
     ablation with a tuning stage names its default-recipe table `<name>_default`: `<name>` is the confirm
     stage's test-split table of default and tuned recipes."""
@@ -159,7 +159,7 @@ def _reports(ablations, plans, confirmed, runs_dir: Path, results_dir: Path) -> 
             for a in ablations if plans[a.name]]
     jobs += [(a.name, lambda a=a: report.write_test(a.name, runs_dir=runs_dir, results_dir=results_dir,
                                                     margin=stages.confirm_settings(a)["margin"]))
-             for a in ablations if plans[a.name] and a.on_test_split]
+             for a in ablations if plans[a.name] and a.on_test_split and test_split]
     for name, (conf, margin) in confirmed.items():
         jobs.append((conf.name, lambda c=conf: report.write_report(c.name, runs_dir=runs_dir, results_dir=results_dir)))
         jobs.append((name, lambda n=name, m=margin: report.write_confirm(n, runs_dir=runs_dir, results_dir=results_dir,
@@ -181,14 +181,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"{required} not found: run from the repository root (or pass --base)")
     runs_dir = args.runs_dir / "quick" if args.quick else args.runs_dir
     results_dir = args.results_dir / "quick" if args.quick else args.results_dir
-    ablations = [a for a in (inherit.resolve(a, runs_dir, results_dir, quick=args.quick) for a in _ablations(args)) if a]
-    seeds = {a.name: C.seeds_for(a, args.seeds, args.quick) for a in ablations}
-    plans = {a.name: plan_runs(a, seeds[a.name], runs_dir, base=args.base, extra=args.extra,
-                               quick_config=QUICK_CONFIG if args.quick else None,
-                               per_cell_seeds=args.seeds is None and not args.quick) for a in ablations}
-    runs = [r for plan in plans.values() for r in plan]
+    loaded = _ablations(args)
+    # An ablation with `# @from` cells reads another's tuning file, which this very invocation may write:
+    # it is resolved and planned after every tune and confirm stage (`later`), the rest up front.
+    later = [a for a in loaded if any(c.start_from for c in a.cells)]
+    for a in later:
+        if a.tune:
+            raise SystemExit(f"ablation '{a.name}': '# @from' cells and its own 'tune:' (tune it or inherit, not both)")
+    ablations = [a for a in loaded if a not in later]
+    seeds = {a.name: C.seeds_for(a, args.seeds, args.quick) for a in loaded}
+
+    def plan(a: C.Ablation) -> list[Run]:
+        return plan_runs(a, seeds[a.name], runs_dir, base=args.base, extra=args.extra,
+                         quick_config=QUICK_CONFIG if args.quick else None,
+                         per_cell_seeds=args.seeds is None and not args.quick)
+
+    def resolve_later() -> list[C.Ablation]:
+        return [a for a in (inherit.resolve(a, runs_dir, results_dir, quick=args.quick) for a in later) if a]
+
+    plans = {a.name: plan(a) for a in ablations}
+    runs = [r for p in plans.values() for r in p]
     if args.dry_run:
-        for r in runs:
+        for r in runs + [r for a in resolve_later() for r in plan(a)]:
             print(f"{store.state(r):8s} {r.label:45s} {r.run_dir}")
         return 0
 
@@ -196,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed_text = (f"seeds {next(iter(seeds.values()))}" if len(counts) <= 1 and seeds else
                  "seeds per ablation " + ", ".join(f"{n}: {len(v)}" for n, v in seeds.items()))
     print(f"ablate: {', '.join(plans)}; {seed_text}; {len(runs)} runs into {runs_dir}"
-          + (" (quick)" if args.quick else ""), flush=True)
+          + (" (quick)" if args.quick else "")
+          + (f"; then {', '.join(a.name for a in later)}, from the tuned settings" if later else ""), flush=True)
     prefix = shlex.split(args.cmd) if args.cmd else default_command()
     stand_in = args.cmd is not None or CMD_ENV in os.environ  # a fake fit command (tests): no evaluation
     fork = not args.no_fork and args.executor == "local" and not stand_in and forking.available()
@@ -227,6 +242,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return failed
 
     evaluating = not args.no_eval and not stand_in  # the suite needs a real run's checkpoint
+
+    def grid(these: list[C.Ablation]) -> list[Failure]:
+        """The default-recipe runs of these ablations (what another ablation reads, a teacher's checkpoint,
+        first), their evaluations, and the test split's for a design on the protocol."""
+        nonlocal stage
+        these_runs = [r for a in these for r in plans[a.name]]
+        first = C.required_names(these)
+        failed = []
+        for phase in ([r for r in these_runs if r.cell.ablation in first],
+                      [r for r in these_runs if r.cell.ablation not in first]):
+            if phase:
+                stage = "training"
+                failed += train(phase)
+        if evaluating:
+            stage = "evaluation"
+            failed += evaluate(these_runs, local, args.jobs, args.quick)
+            stage = "the test-split evaluation"
+            failed += evaluate([r for a in these if a.on_test_split for r in plans[a.name]], local, args.jobs,
+                               args.quick, split="test")
+        return failed
     slurm = args.executor == "slurm"
     executor, poll = local, 0.2
     try:
@@ -238,17 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store.write_manifest(a, runs_dir, seeds[a.name])
             failures = []
             if "grid" in args.stages:
-                # what another ablation reads (a teacher's checkpoint) trains first
-                first = C.required_names(ablations)
-                for phase in ([r for r in runs if r.cell.ablation in first], [r for r in runs if r.cell.ablation not in first]):
-                    if phase:
-                        failures += train(phase)
-                if evaluating:
-                    stage = "evaluation"
-                    failures += evaluate(runs, local, args.jobs, args.quick)
-                    stage = "the test-split evaluation"
-                    failures += evaluate([r for a in ablations if a.on_test_split for r in plans[a.name]], local,
-                                         args.jobs, args.quick, split="test")
+                failures += grid(ablations)
             for a in (a for a in ablations if a.tune):
                 common = dict(base=args.base, extra=args.extra, quick_config=QUICK_CONFIG if args.quick else None)
                 if "tune" in args.stages:
@@ -270,6 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if evaluating:
                     failures += evaluate(conf_runs, local, args.jobs, args.quick)
                     failures += evaluate(plans[a.name] + conf_runs, local, args.jobs, args.quick, split="test")
+            if later:
+                stage = "the ablations that start from tuned settings"
+                resolved = resolve_later()
+                for a in resolved:
+                    store.write_manifest(a, runs_dir, seeds[a.name])
+                    plans[a.name] = plan(a)
+                ablations = ablations + resolved
+                if "grid" in args.stages:
+                    failures += grid(resolved)
     except KeyboardInterrupt:
         print(f"\ninterrupted during {stage}: complete runs keep their stamps; run the same command again to "
               "resume", file=sys.stderr)
@@ -280,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     problems = [str(f) for f in failures]
     if not args.no_report:
-        problems += _reports([a for a in ablations if "grid" in args.stages], plans, confirmed, runs_dir, results_dir)
+        problems += _reports([a for a in ablations if "grid" in args.stages], plans, confirmed, runs_dir, results_dir,
+                             test_split=evaluating)
     print(f"finished in {hms(time.monotonic() - start)}: {totals['ok']} run(s) ok, {totals['failed']} failed, "
           f"{totals['copied']} copied, {totals['complete']} already complete")
     if problems:

@@ -3,8 +3,11 @@
 The fair protocol tunes each family once, in `losses` (grid.tuning). An ablation that asks a question
 about one factor (batch size, number of negatives) compares families at their own tuned recipe without a
 study per cell: each cell with `# @from losses/<family>` gets that cell's chosen setting from
-results/losses_tuning.yaml, written as a config layer after the cell (runs/<ablation>/_from/<cell>.yaml),
-minus every key the cell sets itself, so the cell's own question (its batch size, its k) always wins.
+results/losses_tuning.yaml, written as a config layer after the cell (runs/<ablation>/_from/<cell>-<hash>.yaml,
+named by its content: a new choice is a new file, never a rewrite of one a running runner's pending runs
+will read), minus every key the cell sets itself, so the cell's own question (its batch size, its k) wins.
+The runner resolves these cells after every tune stage of its invocation (grid.cli), so a choice made in
+the same `make ablate` is the one they start from.
 
 A missing chosen setting skips the cell with a message, as a missing `# @data` folder does: a fresh clone
 without the tuning file still runs the rest. Under --quick the quick tuning file is read when it has the
@@ -14,6 +17,7 @@ the stages after it, not the values).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Mapping
 
@@ -21,7 +25,7 @@ import yaml
 
 from lightning_clip.files import atomic_write
 from lightning_clip.grid.cells import Ablation, Cell
-from lightning_clip.grid.plan import _canonical_config
+from lightning_clip.grid.plan import canonical_config
 from lightning_clip.grid.stages import read_tuned, tuned_file
 from lightning_clip.grid.tuning import nested
 
@@ -72,13 +76,15 @@ def resolve(ablation: Ablation, runs_dir: Path, results_dir: Path, *, quick: boo
             continue
         if cell.overlay is not None:
             raise SystemExit(f"{cell.path}: '# @from' and a tuned overlay on one cell: tune it or inherit, not both")
-        own = _canonical_config(cell.path)
+        own = canonical_config(cell.path)
         setting = {k: v for k, v in entry["setting"].items() if not sets(own, k)}
-        overlay = Path(runs_dir) / ablation.name / FOLDER / f"{cell.name}.yaml"
         kept = ", ".join(f"{k}={v}" for k, v in sorted(setting.items())) or "nothing (the cell sets every key)"
-        atomic_write(overlay, f"# {cell.name}: the chosen setting of {source}/{name} (trial {entry.get('trial')}), "
-                              f"keys the cell sets itself left out: {kept}\n"
-                     + yaml.safe_dump(nested(setting, own), sort_keys=True))
+        text = (f"# {cell.name}: the chosen setting of {source}/{name} (trial {entry.get('trial')}), "
+                f"keys the cell sets itself left out: {kept}\n" + yaml.safe_dump(nested(setting, own), sort_keys=True))
+        digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+        overlay = Path(runs_dir) / ablation.name / FOLDER / f"{cell.name}-{digest}.yaml"
+        if not overlay.is_file():
+            atomic_write(overlay, text)
         cells.append(dataclasses.replace(cell, overlay=overlay))
     if not any(c.baseline for c in cells):
         log(f"skipping ablation '{ablation.name}': its baseline has no chosen setting to start from (see above)")

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import yaml
 
+
 from lightning_clip.grid.cells import Ablation, Cell
 
 BASE_CONFIG = Path("experiments/base.yaml")
@@ -38,7 +39,7 @@ class Run:
         return f"{self.cell.ablation}/{self.cell.name} seed {self.seed}"
 
 
-def _canonical_config(path: Path) -> object:
+def canonical_config(path: Path) -> object:
     # parsed, so that editing a comment does not invalidate finished runs
     try:
         return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -74,12 +75,41 @@ def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base:
             args.append(f"--seed_everything={seed}")
             root = cell.data_root(environ)
             data_args = [f"--data.train_shards={root / 'train'}", f"--data.val_shards={root / 'val'}"] if root else []
-            args += data_args + list(extra) + [f"--run_dir={run_dir}"]
-            identity = {"configs": [_canonical_config(p) for p in paths], "seed": seed,
-                        "args": data_args + list(extra)}
+            configs = [canonical_config(p) for p in paths]
+            ref_args, refs = run_references(configs, runs_dir)  # after the configs, before the user's extras
+            args += ref_args + data_args + list(extra) + [f"--run_dir={run_dir}"]
+            identity = {"configs": configs, "seed": seed, "args": data_args + list(extra), "reads": refs}
             fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
             runs.append(Run(cell, seed, run_dir, args, fingerprint, _samples(identity["configs"], extra)))
     return runs
+
+
+RUNS_PLACEHOLDER = "{runs}"
+STAMP = "DONE"  # a complete run's stamp (grid.store writes it)
+
+
+def run_references(configs: Sequence[object], runs_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """A cell may name another run's folder as ``"{runs}/<ablation>/<cell>/seed_<k>"`` in a string option
+    (``model.teacher``): the run gets ``--<section>.<key>=<runs dir>/...`` (the folder the runner trained it
+    into, quick runs included), and its identity the fingerprint of that run's stamp when it is complete, so
+    a retrained teacher retrains its students. Returns (arguments, {option: stamp fingerprint or ""})."""
+    found: dict[str, str] = {}
+    for cfg in configs:
+        for section, values in (cfg or {}).items() if isinstance(cfg, dict) else ():
+            for key, value in (values or {}).items() if isinstance(values, dict) else ():
+                if isinstance(value, str) and RUNS_PLACEHOLDER in value:
+                    found[f"{section}.{key}"] = value
+                elif f"{section}.{key}" in found:
+                    del found[f"{section}.{key}"]  # a later layer replaced it
+    args, reads = [], {}
+    for option, value in found.items():
+        path = Path(value.replace(RUNS_PLACEHOLDER, str(runs_dir)))
+        args.append(f"--{option}={path}")
+        try:
+            reads[option] = json.loads((path / STAMP).read_text(encoding="utf-8")).get("fingerprint", "")
+        except (OSError, ValueError):
+            reads[option] = ""
+    return args, reads
 
 
 def setting(configs: Sequence[object], extra: Sequence[str], key: str) -> int:

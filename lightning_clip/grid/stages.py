@@ -19,7 +19,7 @@ import yaml
 
 from lightning_clip.files import atomic_write
 from lightning_clip.grid.cells import Ablation
-from lightning_clip.grid.plan import _canonical_config
+from lightning_clip.grid.plan import canonical_config
 from lightning_clip.grid.progress import Progress
 from lightning_clip.grid.runner import Failure, run_jobs
 from lightning_clip.grid.tuning import CellStudy, Studies, TuneSettings, identity, nested
@@ -112,9 +112,9 @@ def confirm_ablation(ablation: Ablation, runs_dir: Path, results_dir: Path, log=
             continue
         overlay = Path(runs_dir) / name / "_overlays" / f"{c.name}.yaml"
         atomic_write(overlay, f"# {c.name}: trial {entry.get('trial')} of {entry.get('study')}\n"
-                     + yaml.safe_dump(nested(entry["setting"], _canonical_config(c.path)), sort_keys=True))
+                     + yaml.safe_dump(nested(entry["setting"], canonical_config(c.path)), sort_keys=True))
         cells.append(dataclasses.replace(c, ablation=name, overlay=overlay, seeds=None, search=()))
     if not any(c.baseline for c in cells):
         log(f"confirm {ablation.name}: the baseline has no chosen setting; nothing to confirm")
         return None
-    return Ablation(name, tuple(cells), report={}, confirm=ablation.confirm)
+    return Ablation(name, tuple(cells), report={})  # confirm_settings reads the tuned ablation's own

@@ -20,9 +20,9 @@ from typing import Sequence
 
 from lightning_clip.files import atomic_write
 from lightning_clip.grid.cells import Ablation
-from lightning_clip.grid.plan import Run
+from lightning_clip.grid.plan import STAMP, Run
 
-STAMP, LOG, PID_FILE, METRICS, MANIFEST = "DONE", "run.log", "PID", "final_metrics.json", "ablation.json"
+LOG, PID_FILE, METRICS, MANIFEST = "run.log", "PID", "final_metrics.json", "ablation.json"
 EVAL_FILE, EVAL_LOG = "eval.json", "eval.log"
 
 

@@ -28,7 +28,7 @@ import yaml
 
 from lightning_clip.files import atomic_write
 from lightning_clip.grid.cells import Ablation, Cell, Param, parse_param
-from lightning_clip.grid.plan import _canonical_config, setting
+from lightning_clip.grid.plan import canonical_config, setting
 from lightning_clip.grid.store import METRICS, Job
 
 OBJECTIVE_KEYS = tuple(f"val/{d}/R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10))
@@ -94,7 +94,7 @@ def nested(setting: Mapping[str, object], cell_config: Mapping | None) -> dict:
 
 def _max_steps(args: Sequence[str]) -> int:
     """trainer.max_steps of a trial's arguments (``--config`` files, then ``--trainer.max_steps=``)."""
-    configs = [_canonical_config(Path(args[i + 1])) for i, a in enumerate(args[:-1]) if a == "--config"]
+    configs = [canonical_config(Path(args[i + 1])) for i, a in enumerate(args[:-1]) if a == "--config"]
     return setting(configs, [a for a in args if a.startswith("--trainer.")], "trainer.max_steps")
 
 
@@ -119,7 +119,7 @@ class CellStudy:
         self.folder = Path(runs_dir) / ablation.name / TUNING_DIR / cell.name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prefix, self.base_args = list(prefix), list(base_args)
-        self.cell_config = _canonical_config(cell.path)
+        self.cell_config = canonical_config(cell.path)
         self.max_steps = settings.max_steps or _max_steps(base_args)
         self.space = settings.space_of(cell)
         if not self.space:
@@ -248,7 +248,7 @@ def identity(ablation: Ablation, cell: Cell, settings: TuneSettings, configs: Se
              extra: Sequence[str]) -> str:
     """What makes two studies the same: the parsed configs, the budget, the pruner, the space and the extra
     arguments. A change starts a new study (the old one stays in the database)."""
-    what = {"configs": [_canonical_config(p) for p in configs], "extra": list(extra),
+    what = {"configs": [canonical_config(p) for p in configs], "extra": list(extra),
             "settings": dataclasses.asdict(dataclasses.replace(settings, space=())),
             "space": [p.describe() for p in settings.space_of(cell)]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]

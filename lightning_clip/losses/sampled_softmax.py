@@ -74,9 +74,10 @@ def sampled_infonce(image: Tensor, text: Tensor, logit_scale, *, num_negatives: 
 
 @register_loss(FAMILY)
 class SampledInfoNCELoss(ContrastiveLoss):
-    """Logs ``i2t`` and ``t2i``. ``num_negatives`` k per anchor (default 5, nce's: by default the two
-    families differ only in the loss form), drawn without replacement by default; ``seed`` as nce's (`NegativeSampler`: "run" follows the run's
-    seed, an int is fixed, None uses torch's global RNG)."""
+    """Logs ``i2t`` and ``t2i``. ``num_negatives`` k per anchor (default 5, nce's count), drawn without
+    replacement by default (nce draws with replacement by default: the `negatives` cells set
+    ``replacement: false`` on both, so that only the loss form differs); ``seed`` as nce's
+    (`NegativeSampler`: "run" follows the run's seed, an int is fixed, None uses torch's global RNG)."""
 
     def __init__(self, num_negatives: int = 5, init_scale: float = 1 / 0.07, learn_scale: bool = True,
                  replacement: bool = False, seed: Seed = "run"):

@@ -63,7 +63,7 @@ def interactions(runs, baseline: str, margin: float, alpha: float = 0.05) -> lis
     for (series, x), d in deltas.items():
         k = (series, x)
         interval = paired_difference(d, zero, 1 - alpha / m)
-        verdict = (("larger" if interval.mean > 0 else "smaller") if p_diff[k] < alpha else
+        verdict = ("" if interval.n < 2 else ("larger" if interval.mean > 0 else "smaller") if p_diff[k] < alpha else
                    f"equivalent (±{margin:g})" if p_equiv[k] < alpha else "undecided")
         rows.append({"series": series, "x": x, "x0": x0, "reference": ref_series,
                      "gap at x": paired_difference(gap(series, x), {s: 0.0 for s in gap(series, x)}),
@@ -101,7 +101,10 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
         ref, x0 = inter[0]["reference"], inter[0]["x0"]
         lines += ["", f"## Interaction: does a series' gap to `{ref}` change with x?", "",
                   f"Δ = (S at x − `{ref}` at x) − (S at {x0} − `{ref}` at {x0}), {PRIMARY}, paired by seed; Bonferroni "
-                  f"interval over {len(inter)} interactions, Holm p, TOST ±{margin:g}.", "",
+                  f"interval over {len(inter)} interactions, Holm p, TOST ±{margin:g} (the cells' margin, on a "
+                  "difference of differences: about twice a difference's variance, so equivalence is harder to "
+                  "show). The interactions are a family of their own, apart from the comparisons above, each "
+                  "family-wise 5%.", "",
                   "| series | x | gap at x | gap at x0 | Δ | verdict |", "|---|---|---|---|---|---|"]
         for r in inter:
             holm_p = f", Holm p {r['holm p']:.3f}" if math.isfinite(r["holm p"]) else ""
