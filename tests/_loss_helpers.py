@@ -1,6 +1,8 @@
 """Shared pieces of the loss tests: one list of family configurations and a random `Embeddings` maker."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lightning_clip.outputs import Embeddings
@@ -79,3 +81,17 @@ def finite_loss_and_grads(module, emb, autocast_dtype=None):
     for g in grads:
         assert g is None or torch.isfinite(g).all()
     return out
+
+
+# -- brute force: plain Python loops over floats ---------------------------------------------------------
+def lse(values):
+    m = max(values)
+    return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+def softplus(x):
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,17 @@ from lightning_clip.grid import cells as C
 from lightning_clip.grid import inherit
 from lightning_clip.grid.plan import plan_runs
 from lightning_clip.report import confirm, test_split
+
+
+def _fake_fit(tmp_path: Path, order: Path) -> str:
+    """A stand-in fit command that records the ablation of every run it starts and leaves a finished run."""
+    fake = tmp_path / "fake_fit.py"
+    fake.write_text("import json, sys, pathlib\n"
+                    "run = pathlib.Path(next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--run_dir=')))\n"
+                    f"open({str(order)!r}, 'a').write(run.parent.parent.name + '\\n')\n"
+                    "run.mkdir(parents=True, exist_ok=True)\n"
+                    "(run / 'final_metrics.json').write_text(json.dumps({'step': 1}))\n")
+    return f"{sys.executable} {fake}"
 
 
 def _ablation(root: Path, name: str, cells: dict[str, str], settings: dict | None = None) -> Path:
@@ -185,7 +197,6 @@ def test_requires_pulls_in_the_required_ablation_first_and_refuses_a_circle(tmp_
 def test_required_runs_train_before_the_rest(tmp_path):
     """Through the runner's CLI with a stand-in fit command that records the order runs start in."""
     import os
-    import sys
 
     from lightning_clip.grid import cli
 
@@ -197,15 +208,9 @@ def test_required_runs_train_before_the_rest(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("trainer:\n  max_steps: 1\ndata:\n  batch_size: 64\n")
     order = tmp_path / "order.txt"
-    fake = tmp_path / "fake_fit.py"
-    fake.write_text("import json, sys, pathlib\n"
-                    "run = pathlib.Path(next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--run_dir=')))\n"
-                    f"open({str(order)!r}, 'a').write(run.parent.parent.name + '\\n')\n"
-                    "run.mkdir(parents=True, exist_ok=True)\n"
-                    "(run / 'final_metrics.json').write_text(json.dumps({'step': 1}))\n")
     rc = cli.main(["--ablation", "dup", "--ablations-dir", str(root), "--base", str(base), "--runs-dir",
                    str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), "--jobs", "2", "--no-report",
-                   "--cmd", f"{sys.executable} {fake}"])
+                   "--cmd", _fake_fit(tmp_path, order)])
     assert rc == 0
     assert order.read_text().split() == ["teacher", "dup", "dup", "dup"]
     assert os.path.isfile(tmp_path / "runs" / "teacher" / "t" / "seed_0" / "final_metrics.json")
@@ -238,8 +243,6 @@ def test_a_run_reference_follows_the_runs_folder_and_the_referenced_runs_stamp(t
 
 
 def test_from_cells_are_resolved_after_the_tune_stage_and_overlays_are_named_by_content(tmp_path):
-    import sys
-
     from lightning_clip.grid import cli
 
     root = tmp_path / "abl"
@@ -250,14 +253,8 @@ def test_from_cells_are_resolved_after_the_tune_stage_and_overlays_are_named_by_
     base = tmp_path / "base.yaml"
     base.write_text("trainer:\n  max_steps: 1\n")
     order = tmp_path / "order.txt"
-    fake = tmp_path / "fake_fit.py"
-    fake.write_text("import json, sys, pathlib\n"
-                    "run = pathlib.Path(next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--run_dir=')))\n"
-                    f"open({str(order)!r}, 'a').write(run.parent.parent.name + '\\n')\n"
-                    "run.mkdir(parents=True, exist_ok=True)\n"
-                    "(run / 'final_metrics.json').write_text(json.dumps({'step': 1}))\n")
     argv = ["--ablation", "design", "plain", "--ablations-dir", str(root), "--base", str(base), "--runs-dir",
-            str(tmp_path / "runs"), "--results-dir", str(results), "--no-report", "--cmd", f"{sys.executable} {fake}"]
+            str(tmp_path / "runs"), "--results-dir", str(results), "--no-report", "--cmd", _fake_fit(tmp_path, order)]
     assert cli.main(argv) == 0
     assert order.read_text().split() == ["plain", "design"]   # the design after everything it may read
     overlays = list((tmp_path / "runs" / "design" / inherit.FOLDER).glob("d-*.yaml"))

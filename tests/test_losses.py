@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _loss_helpers import CASES, case_id, finite_loss_and_grads, random_embeddings
+from _loss_helpers import CASES, case_id, dot, finite_loss_and_grads, lse, random_embeddings, softplus
 from lightning_clip.losses import LOSSES, build_loss
 from lightning_clip.losses import functional as LF
 from lightning_clip.losses.base import LOG_SCALE_MAX
@@ -27,18 +27,7 @@ def build(case, dtype=torch.float64):
     return build_loss(name, **kwargs).to(dtype)
 
 
-# -- brute force: plain Python loops over floats ---------------------------------------------------------
-def lse(values):
-    m = max(values)
-    return m + math.log(sum(math.exp(v - m) for v in values))
-
-
-def softplus(x):
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
-def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
+# -- brute force: plain Python loops over floats (lse, softplus, dot: tests/_loss_helpers.py) --------------
 
 
 def unit(rows):

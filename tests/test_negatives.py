@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _loss_helpers import random_embeddings
+from _loss_helpers import dot, lse, random_embeddings, softplus
 from lightning_clip.losses import build_loss
 from lightning_clip.losses import functional as LF
 from lightning_clip.losses.nce import nce, run_seed, sample_negatives
@@ -38,17 +38,6 @@ def unit_pair(n, d=4, seed=0, dtype=torch.float64):
             F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1))
 
 
-def lse(values):
-    m = max(values)
-    return m + math.log(sum(math.exp(v - m) for v in values))
-
-
-def softplus(x):
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
-def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
 
 
 def first_draw(family, n, **kwargs):

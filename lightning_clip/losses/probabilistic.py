@@ -52,6 +52,14 @@ from lightning_clip.losses.distributed import gather, split_rows
 from lightning_clip.outputs import Embeddings, LossOutput
 
 MODES = ("proposal", "gaussian")
+
+
+def directions_with_variance(terms: dict, emb: Embeddings) -> LossOutput:
+    """The mean of the ``i2t`` and ``t2i`` terms as the loss, with the mean predicted log-std of each side
+    logged beside them (the families whose heads predict one: this one, sample_temperature)."""
+    terms["image_ln_std"] = emb.image_ln_std.detach().float().mean()
+    terms["text_ln_std"] = emb.text_ln_std.detach().float().mean()
+    return LossOutput((terms["i2t"] + terms["t2i"]) / 2, terms)
 LN_STD_MIN, LN_STD_MAX = -5.0, 5.0
 
 
@@ -151,9 +159,7 @@ class ProbabilisticLoss(ContrastiveLoss):
         terms = probabilistic_terms(emb.image, emb.text, emb.image_ln_std, emb.text_ln_std, mode=self.mode,
                                     normalize_inputs=self.normalize, gathered=True,
                                     gaussian_dims=self.gaussian_dims)
-        terms["image_ln_std"] = emb.image_ln_std.detach().float().mean()
-        terms["text_ln_std"] = emb.text_ln_std.detach().float().mean()
-        return LossOutput((terms["i2t"] + terms["t2i"]) / 2, terms)
+        return directions_with_variance(terms, emb)
 
     @torch.no_grad()
     def similarity(self, image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,

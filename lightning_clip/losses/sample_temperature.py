@@ -40,7 +40,7 @@ from lightning_clip.losses._options import choice
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import gather, split_rows
-from lightning_clip.losses.probabilistic import LN_STD_MAX, LN_STD_MIN, retrieval_inputs
+from lightning_clip.losses.probabilistic import LN_STD_MAX, LN_STD_MIN, directions_with_variance, retrieval_inputs
 from lightning_clip.outputs import Embeddings, LossOutput
 
 SIDES = ("query", "candidate")
@@ -109,9 +109,7 @@ class SampleTemperatureLoss(ContrastiveLoss):
     def forward(self, emb: Embeddings) -> LossOutput:
         terms = sample_temperature_terms(emb.image, emb.text, emb.image_ln_std, emb.text_ln_std, self.logit_scale,
                                          self.side, normalize_inputs=True, gathered=True)
-        terms["image_ln_std"] = emb.image_ln_std.detach().float().mean()
-        terms["text_ln_std"] = emb.text_ln_std.detach().float().mean()
-        return LossOutput((terms["i2t"] + terms["t2i"]) / 2, terms)
+        return directions_with_variance(terms, emb)
 
     @torch.no_grad()
     def similarity(self, image: Tensor, text: Tensor, image_ln_std: Optional[Tensor] = None,

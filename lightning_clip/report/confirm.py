@@ -150,15 +150,24 @@ def write_confirm(ablation: str, runs_dir="runs", results_dir="results", margin:
     ceiling = _ceiling_line(tuned)
     if ceiling:
         lines += ["", ceiling]
+    return write_table(results_dir, ablation, lines, rows)
+
+
+def write_table(results_dir, ablation: str, lines: list[str], rows: list[dict], rename=lambda k: k) -> dict[str, Path]:
+    """results/<ablation>.md from ``lines`` and .csv from ``rows`` (an interval becomes its mean, low, high
+    and n columns; an empty one none; ``rename`` maps a row key to its column name)."""
     flat = []
     for r in rows:
         out = {"cell": r["cell"]}
         for k, v in r.items():
             if hasattr(v, "mean"):
-                out.update({f"{k} mean": v.mean, f"{k} low": v.low, f"{k} high": v.high, f"{k} n": v.n})
+                if v.n:
+                    out.update({f"{rename(k)} {part}": getattr(v, attr) for part, attr in
+                                (("mean", "mean"), ("low", "low"), ("high", "high"), ("n", "n"))})
             elif k != "cell":
-                out[k] = v
+                out[rename(k)] = v
         flat.append(out)
     results_dir = Path(results_dir)
     return {"md": atomic_write(results_dir / f"{ablation}.md", "\n".join(lines) + "\n"),
-            "csv": atomic_write(results_dir / f"{ablation}.csv", write_csv(flat, list(dict.fromkeys(k for r in flat for k in r))))}
+            "csv": atomic_write(results_dir / f"{ablation}.csv",
+                                write_csv(flat, list(dict.fromkeys(k for r in flat for k in r))))}

@@ -20,13 +20,11 @@ import datetime as _dt
 import math
 from pathlib import Path
 
-from lightning_clip.files import atomic_write
 
 from .columns import series_of
-from .confirm import PRIMARY, _ceiling_line, _ci, _values, compare, load_test
+from .confirm import PRIMARY, _ceiling_line, _ci, _values, compare, load_test, write_table
 from .load import read_manifest
 from .stats import holm, paired_difference, paired_p, tost
-from .tables import write_csv
 
 SHOWN = ("t2i R@1", "i2t R@1", "rsum", "semantic t2i R@1")
 
@@ -113,19 +111,5 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
     ceiling = _ceiling_line(runs)
     if ceiling:
         lines += ["", ceiling]
-    flat = []
-    for r in rows + [{"cell": f"Δ {r['series']} x={r['x']}", **{k: v for k, v in r.items() if k not in ("series",)}}
-                     for r in inter]:
-        out = {"cell": r["cell"]}
-        for k, v in r.items():
-            k = k.replace("tuned ", "")
-            if hasattr(v, "mean"):
-                if v.n:
-                    out.update({f"{k} mean": v.mean, f"{k} low": v.low, f"{k} high": v.high, f"{k} n": v.n})
-            elif k != "cell":
-                out[k] = v
-        flat.append(out)
-    results_dir = Path(results_dir)
-    return {"md": atomic_write(results_dir / f"{ablation}.md", "\n".join(lines) + "\n"),
-            "csv": atomic_write(results_dir / f"{ablation}.csv",
-                                write_csv(flat, list(dict.fromkeys(k for r in flat for k in r))))}
+    deltas = [{"cell": f"Δ {r['series']} x={r['x']}", **{k: v for k, v in r.items() if k != "series"}} for r in inter]
+    return write_table(results_dir, ablation, lines, rows + deltas, rename=lambda k: k.replace("tuned ", ""))
