@@ -5,16 +5,11 @@ variance callback's rho for the family."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
 
-from _gloo import leave_together
 from _loss_helpers import finite_loss_and_grads, random_embeddings
 from lightning_clip.losses import build_loss
 from lightning_clip.losses import functional as LF
@@ -217,67 +212,7 @@ def test_the_variance_callback_logs_rho_for_the_family():
     assert "variance/text/R@1_decile_1" in module.logged
 
 
-# -- two gloo ranks against one process ---------------------------------------------------------------------
-N, DIN, DIM, WORLD = 8, 6, 4, 2
-
-
-class Tiny(nn.Module):
-    def __init__(self, side):
-        super().__init__()
-        torch.manual_seed(0)
-        self.loss = build_loss("sample_temperature", side=side)
-        self.proj, self.std = nn.Linear(DIN, DIM), nn.Linear(DIN, 1)
-
-    def forward(self, image, text):
-        emb = Embeddings(self.proj(image), self.proj(text), image_ln_std=self.std(image).squeeze(-1),
-                         text_ln_std=0.5 * self.std(text).squeeze(-1))
-        return self.loss(emb).loss
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(N, DIN, generator=g, dtype=torch.float64), torch.randn(N, DIN, generator=g, dtype=torch.float64)
-
-
-def _loss_and_grads(model, loss):
-    loss.backward()
-    return {"loss": loss.detach(), **{n: p.grad.detach().clone() for n, p in model.named_parameters()}}
-
-
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
-        image, text = (t[rows] for t in _batch())
-        results = {}
-        for side in SIDES:
-            model = Tiny(side).double()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            results[side] = _loss_and_grads(model, ddp(image, text))
-        del ddp, model
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    leave_together(out_dir, rank, WORLD)
-
-
-def test_two_ranks_equal_one_process(tmp_path):
-    from test_loss_distributed import free_port, relative_error
-
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    for side in SIDES:
-        model = Tiny(side).double()
-        single = _loss_and_grads(model, model(*_batch()))
-        ranks = [r[side] for r in per_rank]
-        assert relative_error(sum(r["loss"] for r in ranks) / WORLD, single["loss"]) <= 1e-6, side
-        for name in single:
-            if name != "loss":
-                for r in ranks:
-                    assert relative_error(r[name], single[name]) <= 1e-6, (side, name)
+# Two gloo ranks against one process, both sides: tests/test_loss_distributed.py (CASES in _loss_helpers).
 
 
 # -- the variance table's columns ---------------------------------------------------------------------------
