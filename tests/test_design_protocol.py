@@ -263,3 +263,18 @@ def test_from_cells_are_resolved_after_the_tune_stage_and_overlays_are_named_by_
     _tuning(results, "losses", {"infonce": {"model.lr": 0.002}})   # a new choice: a new file, the run redone
     assert cli.main(argv) == 0 and order.read_text().split() == ["plain", "design", "design"]
     assert len(list((tmp_path / "runs" / "design" / inherit.FOLDER).glob("d-*.yaml"))) == 2
+
+
+def test_a_plain_runs_fingerprint_is_what_earlier_stamps_recorded(tmp_path):
+    """The identity of a run without references is still {configs, seed, args}: stamps written before run
+    references existed stay valid (a change here would redo every finished run)."""
+    import hashlib
+
+    from lightning_clip.grid.plan import canonical_config
+
+    _ablation(tmp_path / "abl", "p", {"a": "# a\n# @baseline\nmodel:\n  loss: infonce\n"})
+    a = C.load_ablation("p", tmp_path / "abl")
+    run = plan_runs(a, [2], tmp_path / "runs", base=Path("experiments/base.yaml"))[0]
+    identity = {"configs": [canonical_config(Path("experiments/base.yaml")), canonical_config(a.baseline.path)],
+                "seed": 2, "args": []}
+    assert run.fingerprint == hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()

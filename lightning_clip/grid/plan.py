@@ -78,7 +78,9 @@ def plan_runs(ablation: Ablation, seeds: Sequence[int], runs_dir: Path, *, base:
             configs = [canonical_config(p) for p in paths]
             ref_args, refs = run_references(configs, runs_dir)  # after the configs, before the user's extras
             args += ref_args + data_args + list(extra) + [f"--run_dir={run_dir}"]
-            identity = {"configs": configs, "seed": seed, "args": data_args + list(extra), "reads": refs}
+            identity = {"configs": configs, "seed": seed, "args": data_args + list(extra)}
+            if refs:  # only then: the identity of every other run stays what its stamp recorded
+                identity["reads"] = refs
             fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
             runs.append(Run(cell, seed, run_dir, args, fingerprint, _samples(identity["configs"], extra)))
     return runs
