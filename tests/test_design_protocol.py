@@ -278,3 +278,26 @@ def test_a_plain_runs_fingerprint_is_what_earlier_stamps_recorded(tmp_path):
     identity = {"configs": [canonical_config(Path("experiments/base.yaml")), canonical_config(a.baseline.path)],
                 "seed": 2, "args": []}
     assert run.fingerprint == hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def test_a_choice_tuned_for_other_configs_is_named(tmp_path):
+    """The chosen setting is still used, with a message, when its study's identity is not the cell's now."""
+    from lightning_clip.grid.tuning import TuneSettings, identity
+
+    root = tmp_path / "abl"
+    _ablation(root, "losses", {"infonce": "# i\n# @baseline\n# @tune model.loss_args.init_scale log 5 50\n"
+                                          "model:\n  loss: infonce\n"}, {"tune": {"trials": 2}})
+    _ablation(root, "d", {"a": "# a\n# @baseline\n# @from losses/infonce\nmodel:\n  loss: infonce\n"})
+    base = tmp_path / "base.yaml"
+    base.write_text("trainer:\n  max_steps: 10\n")
+    src = C.load_ablation("losses", root)
+    current = identity(src, src.baseline, TuneSettings.of(src), [base, src.baseline.path], [])
+    for ident, warned in ((current, False), ("older", True)):
+        (tmp_path / "results").mkdir(exist_ok=True)
+        (tmp_path / "results" / "losses_tuning.yaml").write_text(yaml.safe_dump(
+            {"infonce": {"study": "s", "identity": ident, "trial": 1, "rsum": 1.0, "setting": {"model.lr": 0.002}}}))
+        said = []
+        out = inherit.resolve(C.load_ablation("d", root), tmp_path / "runs", tmp_path / "results", log=said.append,
+                              base=base, ablations_dir=root)
+        assert out.baseline.overlay is not None
+        assert any("tuned for other configs or budget" in m for m in said) == warned

@@ -197,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          per_cell_seeds=args.seeds is None and not args.quick)
 
     def resolve_later() -> list[C.Ablation]:
-        return [a for a in (inherit.resolve(a, runs_dir, results_dir, quick=args.quick) for a in later) if a]
+        return [a for a in (inherit.resolve(a, runs_dir, results_dir, quick=args.quick, base=args.base,
+                                            quick_config=QUICK_CONFIG if args.quick else None, extra=args.extra,
+                                            ablations_dir=args.ablations_dir) for a in later) if a]
 
     plans = {a.name: plan(a) for a in ablations}
     runs = [r for p in plans.values() for r in p]

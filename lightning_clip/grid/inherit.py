@@ -19,15 +19,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import yaml
 
 from lightning_clip.files import atomic_write
-from lightning_clip.grid.cells import Ablation, Cell
-from lightning_clip.grid.plan import canonical_config
+from lightning_clip.grid.cells import ABLATIONS_DIR, Ablation, Cell, load_ablation
+from lightning_clip.grid.plan import BASE_CONFIG, canonical_config
 from lightning_clip.grid.stages import read_tuned, tuned_file
-from lightning_clip.grid.tuning import nested
+from lightning_clip.grid.tuning import TuneSettings, identity, nested
 
 FOLDER = "_from"
 
@@ -52,8 +52,24 @@ def _chosen(results_dir: Path, source: str, quick: bool) -> tuple[dict, Path]:
     return chosen, path
 
 
-def resolve(ablation: Ablation, runs_dir: Path, results_dir: Path, *, quick: bool = False,
-            log=print) -> Ablation | None:
+def _current_identity(source: str, name: str, *, quick: bool, base: Path, quick_config: Path | None,
+                      extra: Sequence[str], ablations_dir: Path) -> str | None:
+    """The identity a study of ``source/name`` would have now (grid.tuning.identity); None when that
+    ablation or cell is not here (then nothing can be checked)."""
+    try:
+        src = load_ablation(source, ablations_dir)
+    except SystemExit:
+        return None
+    cell = next((c for c in src.cells if c.name == name), None)
+    if cell is None or not src.tune:
+        return None
+    configs = [Path(base), cell.path, *([Path(quick_config)] if quick_config else [])]
+    return identity(src, cell, TuneSettings.of(src, quick=quick), configs, extra)
+
+
+def resolve(ablation: Ablation, runs_dir: Path, results_dir: Path, *, quick: bool = False, log=print,
+            base: Path = BASE_CONFIG, quick_config: Path | None = None, extra: Sequence[str] = (),
+            ablations_dir: Path = ABLATIONS_DIR) -> Ablation | None:
     """The ablation with each `# @from` cell's overlay written and set; cells without a chosen setting left
     out (with a message), the whole ablation (None) when that is its baseline. Cells without the directive
     are unchanged."""
@@ -74,6 +90,13 @@ def resolve(ablation: Ablation, runs_dir: Path, results_dir: Path, *, quick: boo
             log(f"skipping {ablation.name}/{cell.name}: '# @from {source}/{name}' but {path} has no chosen setting "
                 f"for {name} (run `make ablate ABLATION={source} STAGES=tune`, or commit its tuning file)")
             continue
+        now = _current_identity(source, name, quick=quick, base=base, quick_config=quick_config, extra=extra,
+                                ablations_dir=ablations_dir)
+        if now is not None and entry.get("identity") != now:
+            # still a tuned choice, but for other configs or another budget: say so, do not hide it
+            log(f"{ablation.name}/{cell.name}: the chosen setting of {source}/{name} in {path} was tuned for other "
+                f"configs or budget (identity {entry.get('identity')}, now {now}); `make ablate ABLATION={source} "
+                "STAGES=tune` tunes it again")
         if cell.overlay is not None:
             raise SystemExit(f"{cell.path}: '# @from' and a tuned overlay on one cell: tune it or inherit, not both")
         own = canonical_config(cell.path)
