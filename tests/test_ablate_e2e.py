@@ -3,7 +3,6 @@ clears the interrupted run, the tables, and the notebook on what it produced."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from _process import kill_group
 from test_report import execute_notebook  # noqa: E402  (tests/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +32,7 @@ def test_quick_ablation_survives_kill_and_resumes(tmp_path, monkeypatch):
     while time.time() < deadline and not list(runs.glob("**/events.out.tfevents.*")):
         time.sleep(0.5)
     assert list(runs.glob("**/events.out.tfevents.*")), "no run started within 240 s"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     interrupted = [p.parent for p in runs.glob("**/events.out.tfevents.*") if not (p.parent / "DONE").exists()]
     assert interrupted, "the killed run must not be stamped"
 

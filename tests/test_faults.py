@@ -18,6 +18,8 @@ import pytest
 import torch
 from webdataset import TarWriter
 
+from _process import kill_group
+
 from lightning_clip.data import ClipDataModule
 from lightning_clip.data import synthetic as syn
 from lightning_clip.data.shards import DataWarning, ShardsNotFound, decode_image, expand_shards
@@ -210,13 +212,7 @@ def test_a_second_fit_in_a_run_folder_that_is_in_use_is_refused(world, tmp_path,
         assert f"another fit (pid {proc.pid}) is running" in line and str(run / "fit.lock") in line
         assert (run / "config.yaml").read_bytes() == config and len(list(run.glob("events.out.tfevents.*"))) <= 1
     finally:
-        import signal
-
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        kill_group(proc)
     _cli(world, run, "--overwrite=true")  # the owner is gone (kill -9): the lock went with it
     assert json.loads((run / "final_metrics.json").read_text())["step"] == 3
 

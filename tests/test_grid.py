@@ -18,6 +18,8 @@ from lightning_clip.grid import cells, cli, plan, store
 from lightning_clip.grid.executors import Exit, Local
 from lightning_clip.grid.progress import Progress
 
+from _process import kill_group
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Stands in for `python -m lightning_clip fit`: takes the same arguments, reads its behaviour from a
@@ -412,10 +414,7 @@ def test_the_lock_is_the_runners_alone_not_its_forked_childrens(tmp_path):
         proc.wait(timeout=30)
         store.Lock(tmp_path).__enter__().f.close()  # the runner is gone, its child is not: free
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the sleeping child
-        except ProcessLookupError:
-            pass
+        kill_group(proc)  # and the sleeping child
 
 
 def test_progress_line_and_eta():

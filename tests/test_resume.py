@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_clip.data import synthetic as syn
 from lightning_clip.module import ClipModule
 from _data_helpers import small_dm
+from _process import kill_group
 
 TINY = dict(embed_dim=16, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1),
             image_size=32, warmup_steps=1)
@@ -150,11 +151,7 @@ def test_sigterm_ends_a_run_whose_loader_never_delivers(world, tmp_path):
         assert "fit stopped by SIGTERM at global step 0; resume it with --ckpt_path=last" in log.read_text()
     finally:
         # whatever is left of the run (on failure: its loader worker blocked on the pipe, the pipe's sleep)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        kill_group(proc)
 
 
 class SigtermAtStep4(L.Callback):

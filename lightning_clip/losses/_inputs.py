@@ -77,6 +77,28 @@ def check_pair(where: str, image: Tensor, text: Tensor, **per_row: Optional[Tens
     return n
 
 
+def pairwise_blocks(score, na: int, nb: int, per_pair: int, block: int, like: Tensor) -> Tensor:
+    """``[na, nb]`` scores of every (a, b) pair, ``score(rows, cols)`` (two slices) filling one block at a
+    time: at most 64 rows and ``block`` token products per block, so a whole validation set's token-wise
+    scores (filip, damsm) stay within memory. Exact, as each pair's score depends on that pair alone."""
+    rows = max(1, min(na, 64))
+    cols = max(1, block // (rows * max(1, per_pair)))
+    out = like.new_empty(na, nb)
+    for i in range(0, na, rows):
+        for j in range(0, nb, cols):
+            out[i:i + rows, j:j + cols] = score(slice(i, i + rows), slice(j, j + cols))
+    return out
+
+
+def check_variance_pair(where: str, image: Tensor, text: Tensor, image_ln_std: Optional[Tensor],
+                        text_ln_std: Optional[Tensor]) -> int:
+    """`check_pair` for the families whose variance heads predict one log-std per item (``[N]`` each,
+    both required). Returns N."""
+    if image_ln_std is None or text_ln_std is None:
+        raise ValueError(f"{where}: needs image_ln_std and text_ln_std (the variance heads)")
+    return check_pair(where, image, text, image_ln_std=image_ln_std, text_ln_std=text_ln_std)
+
+
 def check_local(where: str, feats: Tensor, mask: Optional[Tensor], name: str, mask_name: str) -> None:
     """Validate local features ``[N, K, D]`` (regions or words) and their bool mask ``[N, K]``: every item
     must keep at least one real entry, or its attention has nothing to attend to."""

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.losses._inputs import check_pair, check_token_pair, full_precision, normalize
+from lightning_clip.losses._inputs import check_pair, check_token_pair, full_precision, normalize, pairwise_blocks
 from lightning_clip.losses._options import _option, choice, finite_number
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import LOG_SCALE_MAX, SCALE_MIN, ContrastiveLoss
@@ -90,17 +90,10 @@ def word_relevance_blocks(regions: Tensor, region_mask: Tensor, words: Tensor, w
     """`word_relevance` in blocks of pairs: each R(a, b) depends on its own pair only, so the blocks are
     exact; at most ``block`` (default `_BLOCK`) word-region products per block bound the memory for a whole
     validation set."""
-    block = block or _BLOCK
-    na, nb = regions.shape[0], words.shape[0]
-    per_pair = regions.shape[1] * words.shape[1]
-    rows = max(1, min(na, 64))
-    cols = max(1, block // (rows * per_pair))
-    out = regions.new_empty(na, nb)
-    for i in range(0, na, rows):
-        for j in range(0, nb, cols):
-            out[i:i + rows, j:j + cols] = word_relevance(regions[i:i + rows], region_mask[i:i + rows],
-                                                         words[j:j + cols], word_mask[j:j + cols], gamma1, gamma2)
-    return out
+    return pairwise_blocks(lambda a, b: word_relevance(regions[a], region_mask[a], words[b], word_mask[b],
+                                                       gamma1, gamma2),
+                           regions.shape[0], words.shape[0], regions.shape[1] * words.shape[1], block or _BLOCK,
+                           regions)
 
 
 def pack_tokens(tokens: Tensor, mask: Optional[Tensor], pooled: Optional[Tensor] = None) -> Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.losses._inputs import check_pair, check_token_pair, full_precision, normalize
+from lightning_clip.losses._inputs import check_pair, check_token_pair, full_precision, normalize, pairwise_blocks
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import gather_tokens, is_distributed
@@ -134,17 +134,11 @@ class FILIPLoss(ContrastiveLoss):
             raise ValueError(f"filip: direction must be 'i2t', 't2i' or None, got {direction!r}")
         (x, xm), (y, ym) = unpack_tokens(image.float()), unpack_tokens(text.float())
         which = {"i2t": "image", "t2i": "text", None: "both"}[direction]
-        out = x.new_empty(x.shape[0], y.shape[0])
-        per_pair = x.shape[1] * y.shape[1]
-        rows = max(1, min(x.shape[0], 64))
-        cols = max(1, _BLOCK // (rows * per_pair))
-        for i in range(0, x.shape[0], rows):
-            for j in range(0, y.shape[0], cols):
-                s_image, s_text = token_similarity(x[i:i + rows], xm[i:i + rows], y[j:j + cols], ym[j:j + cols],
-                                                   which)
-                block = s_image if which == "image" else s_text if which == "text" else (s_image + s_text) / 2
-                out[i:i + rows, j:j + cols] = block
-        return out
+        def score(a: slice, b: slice) -> Tensor:
+            s_image, s_text = token_similarity(x[a], xm[a], y[b], ym[b], which)
+            return s_image if which == "image" else s_text if which == "text" else (s_image + s_text) / 2
+
+        return pairwise_blocks(score, x.shape[0], y.shape[0], x.shape[1] * y.shape[1], _BLOCK, x)
 
     def forward(self, emb: Embeddings) -> LossOutput:
         if emb.regions is None or emb.words is None:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._inputs import check_variance_pair, full_precision, normalize
 from lightning_clip.losses._options import choice, finite_number
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
@@ -111,9 +111,7 @@ def probabilistic_terms(image: Tensor, text: Tensor, image_ln_std: Tensor, text_
     (image variances). ``gaussian_dims``: the factor of ln_std in mode "gaussian" (None: D)."""
     _check_mode(mode)
     _check_dims(gaussian_dims, mode)
-    if image_ln_std is None or text_ln_std is None:
-        raise ValueError("probabilistic: needs image_ln_std and text_ln_std (the variance heads)")
-    check_pair("probabilistic", image, text, image_ln_std=image_ln_std, text_ln_std=text_ln_std)
+    check_variance_pair("probabilistic", image, text, image_ln_std, text_ln_std)
     if normalize_inputs:
         image, text = normalize(image), normalize(text)
     rows = split_rows(image, text, gathered)

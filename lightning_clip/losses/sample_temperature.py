@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_clip.losses._inputs import check_pair, full_precision, normalize
+from lightning_clip.losses._inputs import check_variance_pair, full_precision, normalize
 from lightning_clip.losses._options import choice
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
@@ -64,9 +64,7 @@ def sample_temperature_terms(image: Tensor, text: Tensor, image_ln_std: Tensor, 
     ``gathered``: local rows against every rank's columns; the query side needs only the local log-stds,
     the candidate side gathers them with the features so each rank's rows see every column's factor."""
     _check_side(side)
-    if image_ln_std is None or text_ln_std is None:
-        raise ValueError("sample_temperature: needs image_ln_std and text_ln_std (the variance heads)")
-    check_pair("sample_temperature", image, text, image_ln_std=image_ln_std, text_ln_std=text_ln_std)
+    check_variance_pair("sample_temperature", image, text, image_ln_std, text_ln_std)
     if normalize_inputs:
         image, text = normalize(image), normalize(text)
     rows = split_rows(image, text, gathered)

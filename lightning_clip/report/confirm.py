@@ -162,8 +162,7 @@ def write_table(results_dir, ablation: str, lines: list[str], rows: list[dict], 
         for k, v in r.items():
             if hasattr(v, "mean"):
                 if v.n:
-                    out.update({f"{rename(k)} {part}": getattr(v, attr) for part, attr in
-                                (("mean", "mean"), ("low", "low"), ("high", "high"), ("n", "n"))})
+                    out.update({f"{rename(k)} {part}": getattr(v, part) for part in ("mean", "low", "high", "n")})
             elif k != "cell":
                 out[rename(k)] = v
         flat.append(out)

@@ -24,7 +24,7 @@ from pathlib import Path
 from .columns import series_of
 from .confirm import PRIMARY, _ceiling_line, _ci, _values, compare, load_test, write_table
 from .load import read_manifest
-from .stats import holm, paired_difference, paired_p, tost
+from .stats import holm, paired_difference, paired_p, t_interval, tost
 
 SHOWN = ("t2i R@1", "i2t R@1", "rsum", "semantic t2i R@1")
 
@@ -45,14 +45,16 @@ def interactions(runs, baseline: str, margin: float, alpha: float = 0.05) -> lis
             return None
         return {s: primary[a][s] - primary[b][s] for s in set(primary[a]) & set(primary[b])}
 
-    deltas = {}
+    deltas, gaps = {}, {}
     for series in dict.fromkeys(s for s, _ in where.values()):
-        if series == ref_series or gap(series, x0) is None:
+        g0 = gap(series, x0)
+        if series == ref_series or g0 is None:
             continue
         for x in sorted({x for s, x in where.values() if s == series and x != x0}):
-            g, g0 = gap(series, x), gap(series, x0)
+            g = gap(series, x)
             if g is not None:
                 deltas[(series, x)] = {s: g[s] - g0[s] for s in set(g) & set(g0)}
+                gaps[(series, x)] = (g, g0)
     zero = {s: 0.0 for d in deltas.values() for s in d}
     m = max(1, len(deltas))
     p_diff = holm({k: paired_p(d, zero) for k, d in deltas.items()})
@@ -64,8 +66,7 @@ def interactions(runs, baseline: str, margin: float, alpha: float = 0.05) -> lis
         verdict = ("" if interval.n < 2 else ("larger" if interval.mean > 0 else "smaller") if p_diff[k] < alpha else
                    f"equivalent (±{margin:g})" if p_equiv[k] < alpha else "undecided")
         rows.append({"series": series, "x": x, "x0": x0, "reference": ref_series,
-                     "gap at x": paired_difference(gap(series, x), {s: 0.0 for s in gap(series, x)}),
-                     "gap at x0": paired_difference(gap(series, x0), {s: 0.0 for s in gap(series, x0)}),
+                     "gap at x": t_interval(gaps[k][0].values()), "gap at x0": t_interval(gaps[k][1].values()),
                      "delta": interval, "holm p": p_diff[k], "tost p": p_equiv[k], "verdict": verdict})
     return rows
 
