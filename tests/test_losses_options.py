@@ -149,6 +149,42 @@ def test_siglip_prior_bias_survives_a_resume():
     assert "bias_initialized" not in fixed.state_dict() and fixed.scalars()["bias"] == -3.0
 
 
+def test_siglip_bias_batch_carries_a_bias_to_another_batch_by_the_prior():
+    # a bias tuned at batch 64 (-4.0) starts a batch-16 run at -4.0 - ln(16/64) = -4.0 + ln 4
+    loss = build_loss("siglip", init_bias=-4.0, bias_batch=64).double()
+    assert loss.scalars()["bias"] == -4.0 and not bool(loss.bias_initialized)
+    loss.train()
+    emb = random_embeddings(n=16)
+    out = loss(emb)
+    assert loss.scalars()["bias"] == pytest.approx(-4.0 + math.log(4), rel=1e-12)
+    image, text = unit(emb)
+    assert out.loss.item() == pytest.approx(LF.siglip(image, text, 10.0, -4.0 + math.log(4)).item(), rel=1e-6)
+    # at the reference batch it is the bias as given; once set, a resume keeps the learned value
+    same = build_loss("siglip", init_bias=-4.0, bias_batch=8).double()
+    same(random_embeddings(n=8))
+    assert same.scalars()["bias"] == pytest.approx(-4.0, abs=1e-12)
+    with torch.no_grad():
+        same.bias.fill_(-2.5)
+    resumed = build_loss("siglip", init_bias=-4.0, bias_batch=8).double()
+    resumed.load_state_dict(same.state_dict())
+    resumed(random_embeddings(n=32))
+    assert resumed.scalars()["bias"] == -2.5
+    # "prior" is the same rule at (0, 1)
+    prior = build_loss("siglip", init_bias="prior").double()
+    prior(random_embeddings(n=16))
+    assert prior.scalars()["bias"] == pytest.approx(-math.log(16), rel=1e-12)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"init_bias": "prior", "bias_batch": 64}, "already follows the batch, not both"),
+    ({"init_bias": -4.0, "bias_batch": 0}, r"bias_batch \(option model\.loss_args\.bias_batch\)"),
+    ({"init_bias": -4.0, "bias_batch": 6.5}, r"bias_batch \(option model\.loss_args\.bias_batch\)"),
+])
+def test_siglip_bad_bias_batch_names_the_option(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_loss("siglip", **options)
+
+
 @pytest.mark.parametrize("bad", ["pior", float("nan"), None, True])
 def test_siglip_bad_init_bias_names_the_option(bad):
     with pytest.raises(ValueError, match=r"siglip: init_bias \(option model\.loss_args\.init_bias\) must be a finite "

@@ -10,7 +10,9 @@ starts at -10 because N-1 of every N pairs are negatives: the prior log-odds of 
 -ln N, and starting there keeps the first steps from spending their gradient on pushing all logits down.
 The paper's -10 matches N ~ 22,000 (ln 22026 = 10); ``init_bias="prior"`` sets b = -ln N for the global
 batch size N this run actually has, at the first training forward (a buffer records that it was done, so
-a resumed checkpoint keeps its learned bias).
+a resumed checkpoint keeps its learned bias). ``bias_batch=M`` carries a bias chosen at batch M (a tuned
+one) to this run's batch by the same prior: b = init_bias - ln(N / M), since the prior log-odds move by
+-ln N ("prior" is init_bias 0 at M = 1).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_clip.losses._inputs import check_pair, full_precision, normalize
-from lightning_clip.losses._options import finite_number
+from lightning_clip.losses._options import finite_number, integer
 from lightning_clip.losses._registry import register_loss
 from lightning_clip.losses.base import ContrastiveLoss
 from lightning_clip.losses.distributed import is_distributed, split_rows, world_size
@@ -63,31 +65,39 @@ class SigLIPLoss(ContrastiveLoss):
     """Logs ``positive`` and ``negative`` (the matched-pair and mismatched-pair parts)."""
 
     def __init__(self, init_scale: float = 10.0, learn_scale: bool = True,
-                 init_bias: Union[float, str] = -10.0, learn_bias: bool = True, chunk_size: Optional[int] = None):
+                 init_bias: Union[float, str] = -10.0, learn_bias: bool = True, chunk_size: Optional[int] = None,
+                 bias_batch: Optional[int] = None):
         prior = init_bias == "prior"
         if not prior:
             finite_number("siglip", "init_bias", init_bias, alternatives=" or 'prior'")
-        # "prior": -10 until the first training forward replaces it with -ln N
+        if bias_batch is not None:
+            if prior:
+                raise ValueError("siglip: bias_batch (option model.loss_args.bias_batch) carries a numeric init_bias "
+                                 "to this run's batch; init_bias 'prior' already follows the batch, not both")
+            integer("siglip", "bias_batch", bias_batch, at_least=1)
+        # (b0, M): the bias starts at b0 - ln(N / M) for the run's global batch N, set at the first training
+        # forward (until then -10 or init_bias); "prior" is (0, 1)
+        self.batch_rule = (0.0, 1) if prior else None if bias_batch is None else (float(init_bias), bias_batch)
         super().__init__(init_scale=init_scale, learn_scale=learn_scale, init_bias=-10.0 if prior else init_bias,
                          learn_bias=learn_bias)
         self.chunk_size = chunk_size
-        self.prior_bias = prior
         self._prior_checked = False
-        if prior:
+        if self.batch_rule is not None:
             # in the state dict: a resumed run does not reset its learned bias
             self.register_buffer("bias_initialized", torch.tensor(False))
 
     @torch.no_grad()
     def _init_prior_bias(self, local_batch: int) -> None:
-        """b = -ln N for the global batch N (the sum over ranks), once."""
+        """b = b0 - ln(N / M) for the global batch N (the sum over ranks), once."""
         n = torch.tensor(float(local_batch), device=self.bias.device)
         if world_size() > 1:
             torch.distributed.all_reduce(n)
-        self.bias.fill_(-math.log(float(n)))
+        b0, reference = self.batch_rule
+        self.bias.fill_(b0 - math.log(float(n) / reference))
         self.bias_initialized.fill_(True)
 
     def forward(self, emb: Embeddings) -> LossOutput:
-        if self.prior_bias and self.training and not self._prior_checked:
+        if self.batch_rule is not None and self.training and not self._prior_checked:
             # the buffer is read once per process (a device sync), not every step
             if not bool(self.bias_initialized):
                 self._init_prior_bias(emb.batch_size)
