@@ -172,6 +172,8 @@ def test_kill_9_during_tuning_then_resume_keeps_finished_trials(tuned_project):
     assert [t.state for t in studies["a"]].count(S.FAIL) == 1  # the trial the dead runner left running
     for trials in studies.values():
         assert sum(t.state in (S.COMPLETE, S.PRUNED) for t in trials) == 4
+    md = (tuned_project / "results" / "toy_tuning.md").read_text()
+    assert "Trials: 4 counted" in md and f"({tuning.INTERRUPTED})" in md
     runs = [c["run_dir"] for c in calls(tuned_project) if "/_tuning/" in c["run_dir"]]
     assert len(runs) == len(set(runs)), "a finished trial is never run again"
 
@@ -242,3 +244,20 @@ def test_successive_halving_prunes_the_worse_of_two_trials_at_the_first_rung(tun
         study.prepare(job)
         validate(job, r, 6)
         assert study.check(job) is None
+
+
+def test_a_failed_trial_is_not_counted_and_the_report_says_why(tuned_project):
+    from lightning_clip.report.tuning import format_tuning
+    ablation = cells.load_ablation("toy")
+    study = tuning.CellStudy(ablation, ablation.cells[0], tuning.TuneSettings.of(ablation), Path("runs"),
+                             ["python"], ["--config", "experiments/base.yaml"], "x")
+    budget = len(study)
+    job = study.next(set())
+    study.prepare(job)
+    study.failed(job, "exit status 1: CUDA out of memory")
+    assert len(study) == budget, "a failed trial is drawn again"
+    summary = study.summary()
+    assert [(t["state"], t["failure"]) for t in summary["trials"]] == [("fail", "exit status 1: CUDA out of memory")]
+    md = format_tuning("toy", [summary], {"trials": budget, "space": []})
+    assert "Trials: 0 counted (0 complete, 0 pruned); failed, not counted (a new trial was drawn in its place): " \
+           "trial 0 (exit status 1: CUDA out of memory)." in md

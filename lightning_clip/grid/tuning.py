@@ -33,6 +33,8 @@ from lightning_clip.grid.store import METRICS, Job
 
 OBJECTIVE_KEYS = tuple(f"val/{d}/R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10))
 TUNING_DIR, STUDY_DB, TRIAL_CONFIG = "_tuning", "study.db", "trial.yaml"
+FAILURE = "failure"   # a failed trial's user attribute: why (a failed trial is drawn again, not counted)
+INTERRUPTED = "interrupted: its runner stopped while it ran"
 DEFAULTS = {"trials": 12, "max_steps": None, "seed": 1000, "validate_every": 500, "min_resource": 500,
             "reduction_factor": 3, "space": {}, "quick": {}}
 
@@ -214,12 +216,15 @@ class CellStudy:
         value = objective(metrics)
         trial = self.trials.pop(n)
         if value is None:
+            trial.set_user_attr(FAILURE, f"no objective in {METRICS}")
             self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
         else:
             self.study.tell(trial, value)
 
     def failed(self, job: Job, reason: str) -> None:
-        self.study.tell(self.trials.pop(self._number(job)), state=self.optuna.trial.TrialState.FAIL)
+        trial = self.trials.pop(self._number(job))
+        trial.set_user_attr(FAILURE, reason[-300:])
+        self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
 
     # -- what the stage reports --------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -232,6 +237,8 @@ class CellStudy:
             value = t.value if t.state == S.COMPLETE else (t.intermediate_values.get(steps) if steps else None)
             rows.append({"trial": t.number, "state": t.state.name.lower(), "steps": steps, "rsum": value,
                          "params": dict(t.params)})
+            if t.state == S.FAIL:  # a live failure says why; one without a reason was left running by a stopped runner
+                rows[-1]["failure"] = t.user_attrs.get(FAILURE, INTERRUPTED)
         complete = [r for r in rows if r["state"] == "complete" and r["rsum"] is not None]
         best = max(complete, key=lambda r: r["rsum"]) if complete else None
         importance = {}

@@ -31,9 +31,13 @@ def format_tuning(ablation: str, summaries: Sequence[Mapping], settings: Mapping
     for s in summaries:
         best = (s.get("best") or {}).get("trial")
         states = [t["state"] for t in s["trials"]]
+        failed = [t for t in sorted(s["trials"], key=lambda t: t["trial"]) if t["state"] == "fail"]
+        redrawn = ("; failed, not counted (a new trial was drawn in its place): "
+                   + "; ".join(f"trial {t['trial']} ({t.get('failure') or 'no reason recorded'})" for t in failed)
+                   if failed else "")
         lines += [f"## `{s['cell']}`", "",
-                  f"Space: {', '.join(f'`{d}`' for d in s['space'])}. Trials: {len(states)} "
-                  f"({states.count('complete')} complete, {states.count('pruned')} pruned, {states.count('fail')} failed).", ""]
+                  f"Space: {', '.join(f'`{d}`' for d in s['space'])}. Trials: {len(states) - len(failed)} counted "
+                  f"({states.count('complete')} complete, {states.count('pruned')} pruned){redrawn}.", ""]
         keys = list(dict.fromkeys(k for t in s["trials"] for k in t["params"]))
         lines += ["| trial | state | steps | rsum | " + " | ".join(f"`{k}`" for k in keys) + " |",
                   "|---|---|---:|---:|" + "---:|" * len(keys)]
