@@ -162,9 +162,13 @@ def test_shipped_ablations_are_well_formed():
     sizes = {c.name: shape(c) for c in cells.load_ablation("batch_size", root).cells}
     assert len({b * s for b, s in sizes.values()}) == 1 and len({b for b, _ in sizes.values()}) >= 3
     steps = {c.name: shape(c) for c in cells.load_ablation("batch_steps", root).cells}
-    assert len({s for _, s in steps.values()}) == 1 and set(steps) == set(sizes)
-    # ... and they share their batch-64 cells (same configuration: the runner copies them)
-    assert sizes["infonce-b64"] == steps["infonce-b64"]
+    assert len({s for _, s in steps.values()}) == 1
+    assert set(steps) <= set(sizes)
+    # converged budgets: every cell at least the steps InfoNCE needs at its batch to come within 2 points
+    # of its own plateau (results/batch_convergence.md), and both views on the test protocol
+    needed = {16: 10240, 64: 2000, 128: 1280}
+    assert all(s >= needed[b] for b, s in [*sizes.values(), *steps.values()])
+    assert cells.load_ablation("batch_size", root).confirm["seeds"] >= 5
     # the duplicate-aware comparison needs an image several times in a batch, and the false-negative
     # settings differ in the training captions only
     for c in cells.load_ablation("duplicates", root).cells:
