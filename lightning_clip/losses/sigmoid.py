@@ -75,19 +75,19 @@ class SigLIPLoss(ContrastiveLoss):
                 raise ValueError("siglip: bias_batch (option model.loss_args.bias_batch) carries a numeric init_bias "
                                  "to this run's batch; init_bias 'prior' already follows the batch, not both")
             integer("siglip", "bias_batch", bias_batch, at_least=1)
+        super().__init__(init_scale=init_scale, learn_scale=learn_scale, init_bias=-10.0 if prior else init_bias,
+                         learn_bias=learn_bias)
         # (b0, M): the bias starts at b0 - ln(N / M) for the run's global batch N, set at the first training
         # forward (until then -10 or init_bias); "prior" is (0, 1)
         self.batch_rule = (0.0, 1) if prior else None if bias_batch is None else (float(init_bias), bias_batch)
-        super().__init__(init_scale=init_scale, learn_scale=learn_scale, init_bias=-10.0 if prior else init_bias,
-                         learn_bias=learn_bias)
         self.chunk_size = chunk_size
-        self._prior_checked = False
+        self._rule_checked = False
         if self.batch_rule is not None:
             # in the state dict: a resumed run does not reset its learned bias
             self.register_buffer("bias_initialized", torch.tensor(False))
 
     @torch.no_grad()
-    def _init_prior_bias(self, local_batch: int) -> None:
+    def _init_batch_bias(self, local_batch: int) -> None:
         """b = b0 - ln(N / M) for the global batch N (the sum over ranks), once."""
         n = torch.tensor(float(local_batch), device=self.bias.device)
         if world_size() > 1:
@@ -97,11 +97,11 @@ class SigLIPLoss(ContrastiveLoss):
         self.bias_initialized.fill_(True)
 
     def forward(self, emb: Embeddings) -> LossOutput:
-        if self.batch_rule is not None and self.training and not self._prior_checked:
+        if self.batch_rule is not None and self.training and not self._rule_checked:
             # the buffer is read once per process (a device sync), not every step
             if not bool(self.bias_initialized):
-                self._init_prior_bias(emb.batch_size)
-            self._prior_checked = True
+                self._init_batch_bias(emb.batch_size)
+            self._rule_checked = True
         bias = self.bias.float()
         if self.chunk_size is not None and not is_distributed():
             image, text = normalize(emb.image.float()), normalize(emb.text.float())

@@ -33,7 +33,7 @@ def format_tuning(ablation: str, summaries: Sequence[Mapping], settings: Mapping
         states = [t["state"] for t in s["trials"]]
         failed = [t for t in sorted(s["trials"], key=lambda t: t["trial"]) if t["state"] == "fail"]
         redrawn = ("; failed, not counted (a new trial was drawn in its place): "
-                   + "; ".join(f"trial {t['trial']} ({t.get('failure') or 'no reason recorded'})" for t in failed)
+                   + "; ".join(f"trial {t['trial']} ({t['failure']})" for t in failed)
                    if failed else "")
         lines += [f"## `{s['cell']}`", "",
                   f"Space: {', '.join(f'`{d}`' for d in s['space'])}. Trials: {len(states) - len(failed)} counted "
