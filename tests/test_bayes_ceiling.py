@@ -172,13 +172,12 @@ def test_bayes_ceiling_by_hand():
 
 
 # -- the default world -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def default_val():
-    """The default world's validation split as the validation loop sees it (one item per caption), made
-    with `make data`'s generator settings (base.yaml's data.generate) without writing shards."""
+def _ceilings(split: str, num: int):
+    """The default world's ``split`` as the evaluation sees it (one item per caption), made with `make data`'s
+    generator settings (base.yaml's data.generate) without writing shards: (oracle, Bayes) ceilings."""
     gen = yaml.safe_load((ROOT / "experiments" / "base.yaml").read_text())["data"]["generate"]
-    metas = [json.loads(make_sample(i, "val", seed=gen["seed"], image_size=gen["image_size"])["json"])
-             for i in range(gen["num_val"])]
+    metas = [json.loads(make_sample(i, split, seed=gen["seed"], image_size=gen["image_size"])["json"])
+             for i in range(num)]
     image_ids = torch.tensor([m["image_id"] for m in metas])
     texts = [c["text"] for m in metas for c in m["captions"]]
     text_image_ids = torch.tensor([m["image_id"] for m in metas for _ in m["captions"]])
@@ -187,6 +186,17 @@ def default_val():
     bayes = {k: float(v) for k, v in
              bayes_ceiling_of(texts, [m["scene"] for m in metas], image_ids, text_image_ids).items()}
     return oracle, bayes
+
+
+@pytest.fixture(scope="module")
+def default_val():
+    gen = yaml.safe_load((ROOT / "experiments" / "base.yaml").read_text())["data"]["generate"]
+    return _ceilings("val", gen["num_val"])
+
+
+@pytest.fixture(scope="module")
+def default_test():
+    return _ceilings("test", 500)  # synthetic.generate's num_test, which base.yaml leaves at its default
 
 
 def test_bayes_ceiling_on_the_default_world_is_above_the_oracle_ceiling(default_val):
@@ -211,6 +221,27 @@ def test_no_committed_run_beats_the_bayes_ceiling(default_val):
                     assert low <= bayes[f"{d}/R@1"], (path.name, row["cell"], d, low, bayes)
                     checked += 1
     assert checked >= 2 * 8  # at least the losses ablation's cells
+
+
+def test_no_committed_test_split_run_beats_the_bayes_ceiling(default_test):
+    """The test-split tables (a confirm stage's default and tuned columns, a design's cells) report percent
+    means with their 95% intervals; each interval's lower end must not pass the test split's ceiling."""
+    oracle, bayes = default_test
+    assert oracle == pytest.approx({"t2i/R@1": 0.36981, "i2t/R@1": 0.87893}, abs=1e-5)  # the tables' numbers
+    assert bayes == pytest.approx({"t2i/R@1": 0.46320, "i2t/R@1": 0.88576}, abs=1e-5)
+    assert bayes["t2i/R@1"] >= oracle["t2i/R@1"] and bayes["i2t/R@1"] >= oracle["i2t/R@1"]
+    checked = 0
+    for path in sorted((ROOT / "results").glob("*.csv")):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for prefix in ("", "default ", "tuned "):
+            for row in rows:
+                for d in ("t2i", "i2t"):
+                    low = row.get(f"{prefix}{d} R@1 low") or row.get(f"{prefix}{d} R@1 mean")
+                    if low:
+                        assert float(low) <= 100 * bayes[f"{d}/R@1"], (path.name, row["cell"], prefix, d, low)
+                        checked += 1
+    assert checked >= 2 * 4  # at least the damsm design's cells
 
 
 # -- the callback ---------------------------------------------------------------------------------------------
@@ -249,5 +280,6 @@ def test_every_table_states_the_bayes_ceiling_and_old_results_have_none():
     header = next(line for line in md.splitlines() if line.startswith("| cell |"))
     assert "Bayes" not in header and "ceiling" not in header
     # a committed table from before the Bayes ceiling: the oracle's line only
-    md = report.format_markdown(report.read_csv(ROOT / "results" / "losses.csv"), "losses")
+    md = report.format_markdown(report.read_csv(ROOT / "results" / "archive" / "2026-12-03-short-budget" / "batch_steps.csv"),
+                                "batch_steps")
     assert "Oracle ceiling" in md and "Bayes" not in md
