@@ -129,6 +129,16 @@ def test_confirm_without_tune_runs_five_seeds_per_cell(tmp_path):
         _ = C.load_ablation("bad", tmp_path / "abl").seeds_per_cell
 
 
+def test_a_tuned_ablations_default_grid_runs_the_confirm_seeds(tmp_path):
+    # the default-recipe column of the confirm table pairs with the tuned one seed for seed
+    _ablation(tmp_path / "abl", "t", {"a": "# a\n# @baseline\nmodel:\n  loss: infonce\n"},
+              {"tune": {"trials": 2}, "confirm": {"seeds": 4}})
+    a = C.load_ablation("t", tmp_path / "abl")
+    assert not a.on_test_split and a.seeds_per_cell == 4 and C.seeds_for(a) == [0, 1, 2, 3]
+    _ablation(tmp_path / "abl", "u", {"a": "# a\n# @baseline\nmodel:\n  loss: infonce\n"}, {"tune": {"trials": 2}})
+    assert C.load_ablation("u", tmp_path / "abl").seeds_per_cell == C.DEFAULT_SEEDS
+
+
 def _test_runs(root: Path, ablation: str, values: dict[str, list[float]], baseline: str) -> None:
     folder = root / ablation
     folder.mkdir(parents=True)

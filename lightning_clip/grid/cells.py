@@ -31,7 +31,8 @@ becomes the cell's description in the tables); lines starting with `# @` are dir
       budget_against: losses   compare the final values with that ablation's runs (the default budget)
     tune:                the tuning stage (grid.tuning): trials per cell, budget, pruner, shared space
     confirm:             with tune: the confirm stage (seeds at the tuned settings, evaluated on the test
-                         split); without tune: the grid itself runs `confirm.seeds` seeds (default 5), is
+                         split), and the default-recipe grid runs as many, so the two columns pair seed for
+                         seed; without tune: the grid itself runs `confirm.seeds` seeds (default 5), is
                          evaluated on the test split too and reported there (results/<ablation>.md; the
                          validation-split table is results/<ablation>_val.md)
 """
@@ -153,8 +154,9 @@ class Ablation:
 
     @property
     def seeds_per_cell(self) -> int:
-        """A cell's seeds unless it says `# @seeds N`: `confirm.seeds` on the test protocol, else DEFAULT_SEEDS."""
-        if self.on_test_split:
+        """A cell's seeds unless it says `# @seeds N`: `confirm.seeds` when the ablation declares `confirm:`
+        (tuned or not), else DEFAULT_SEEDS."""
+        if self.confirm:
             n = self.confirm.get("seeds", CONFIRM_SEEDS)
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise SystemExit(f"{self.name}/{SETTINGS_FILE}: confirm.seeds={n!r}: a positive integer")
