@@ -4,6 +4,7 @@ against every committed trained run, and as the retrieval callback logs it."""
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import csv
 import json
@@ -22,7 +23,7 @@ from lightning_clip.callbacks import RetrievalCallback
 from lightning_clip.data import likelihood
 from lightning_clip.data.likelihood import caption_probability, likelihood_matrix, parse_caption
 from lightning_clip.data.oracle import relevance_matrix
-from lightning_clip.data.synthetic import make_sample, sample_caption, sample_scene
+from lightning_clip.data.synthetic import generate, make_sample, sample_caption, sample_scene
 from lightning_clip.eval.ceilings import bayes_ceiling, bayes_ceiling_of, caption_likelihoods
 from lightning_clip.eval.retrieval import oracle_ceiling
 from lightning_clip.losses.infonce import InfoNCELoss
@@ -195,8 +196,8 @@ def default_val():
 
 
 @pytest.fixture(scope="module")
-def default_test():
-    return _ceilings("test", 500)  # synthetic.generate's num_test, which base.yaml leaves at its default
+def default_test():  # base.yaml leaves the test split's size at synthetic.generate's default
+    return _ceilings("test", inspect.signature(generate).parameters["num_test"].default)
 
 
 def test_bayes_ceiling_on_the_default_world_is_above_the_oracle_ceiling(default_val):
