@@ -103,7 +103,7 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
                   f"interval over {len(inter)} interactions, Holm p, TOST ±{margin:g} (the cells' margin, on a "
                   "difference of differences: about twice a difference's variance, so equivalence is harder to "
                   "show). The interactions are a family of their own, apart from the comparisons above, each "
-                  "family-wise 5%.", "",
+                  "family-wise 5%. The gaps themselves are per-x 95% t-intervals, paired by seed, uncorrected.", "",
                   "| series | x | gap at x | gap at x0 | Δ | verdict |", "|---|---|---|---|---|---|"]
         for r in inter:
             holm_p = f", Holm p {r['holm p']:.3f}" if math.isfinite(r["holm p"]) else ""
