@@ -129,6 +129,39 @@ def test_confirm_without_tune_runs_five_seeds_per_cell(tmp_path):
         _ = C.load_ablation("bad", tmp_path / "abl").seeds_per_cell
 
 
+def test_the_report_cli_keeps_a_design_ablations_test_table(tmp_path):
+    # the runner records the test-split protocol in the manifest; `python -m lightning_clip.report` then
+    # writes the validation table as <name>_val and the test table as <name>, never one over the other
+    from lightning_clip.grid import store
+    from lightning_clip.report.cli import main
+
+    _ablation(tmp_path / "abl", "d", {"a": "# a\n# @baseline\nmodel:\n  loss: infonce\n",
+                                      "b": "# b\nmodel:\n  loss: siglip\n"}, {"confirm": {"margin": 1.0}})
+    store.write_manifest(C.load_ablation("d", tmp_path / "abl"), tmp_path / "runs", range(5), test_margin=1.0)
+    manifest = json.loads((tmp_path / "runs" / "d" / "ablation.json").read_text())
+    assert manifest["test_split"] == {"margin": 1.0}
+    values = {"a": [30, 31, 29, 30, 30], "b": [30.3, 30.8, 29.1, 29.9, 30.0]}
+    for cell, per_seed in values.items():
+        for seed, v in enumerate(per_seed):
+            run = tmp_path / "runs" / "d" / cell / f"seed_{seed}"
+            run.mkdir(parents=True)
+            (run / "final_metrics.json").write_text(json.dumps({"val/t2i/R@1": (v - 2) / 100, "step": 10}))
+            m = {f"{d}_retrieval_recall@{k}": 0.1 for d in ("image", "text") for k in (1, 5, 10)}
+            m.update({"image_retrieval_recall@1": v / 100, "semantic_t2i_R@1": 0.5})
+            (run / confirm.TEST_FILE).write_text(json.dumps([{"task": "zeroshot_retrieval", "metrics": m}]))
+    results = tmp_path / "results"
+    assert main(["--ablation", "d", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(results),
+                 "--no-plots"]) == 0
+    test_md, val_md = (results / "d.md").read_text(), (results / "d_val.md").read_text()
+    assert "on the held-out test split" in test_md and "| equivalent (±1) |" in test_md   # b within ±1 of a: the manifest's margin
+    assert "validation split" in val_md and "held-out test split" not in val_md
+    # a manifest without the entry (any other ablation): the one table, under the ablation's name
+    store.write_manifest(C.load_ablation("d", tmp_path / "abl"), tmp_path / "runs", range(5))
+    assert main(["--ablation", "d", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(results),
+                 "--no-plots"]) == 0
+    assert "validation split" in (results / "d.md").read_text()
+
+
 def test_a_tuned_ablations_default_grid_runs_the_confirm_seeds(tmp_path):
     # the default-recipe column of the confirm table pairs with the tuned one seed for seed
     _ablation(tmp_path / "abl", "t", {"a": "# a\n# @baseline\nmodel:\n  loss: infonce\n"},

@@ -146,6 +146,10 @@ def _ablations(args) -> list[C.Ablation]:
     return [a.quick_subset() for a in ablations if any(c.quick for c in a.cells)]
 
 
+def _test_margin(a) -> float | None:
+    return stages.confirm_settings(a)["margin"] if a.on_test_split else None
+
+
 def _reports(ablations, plans, confirmed, runs_dir: Path, results_dir: Path, test_split: bool = True) -> list[str]:
     """Every table; a problem is returned as a message, so that it does not hide the run summary. An
     ablation with a tuning stage names its default-recipe table `<name>_default`: `<name>` is the confirm
@@ -158,7 +162,7 @@ def _reports(ablations, plans, confirmed, runs_dir: Path, results_dir: Path, tes
                                                      f"{a.name}_val" if a.on_test_split else a.name))
             for a in ablations if plans[a.name]]
     jobs += [(a.name, lambda a=a: report.write_test(a.name, runs_dir=runs_dir, results_dir=results_dir,
-                                                    margin=stages.confirm_settings(a)["margin"]))
+                                                    margin=_test_margin(a)))
              for a in ablations if plans[a.name] and a.on_test_split and test_split]
     for name, (conf, margin) in confirmed.items():
         jobs.append((conf.name, lambda c=conf: report.write_report(c.name, runs_dir=runs_dir, results_dir=results_dir)))
@@ -272,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 opts = load_options(args.slurm_config)
                 executor, poll = Slurm(opts, Path(opts["folder"] or runs_dir / ".submitit")), opts["poll_s"]
             for a in ablations:
-                store.write_manifest(a, runs_dir, seeds[a.name])
+                store.write_manifest(a, runs_dir, seeds[a.name], _test_margin(a))
             failures = []
             if "grid" in args.stages:
                 failures += grid(ablations)
@@ -301,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stage = "the ablations that start from tuned settings"
                 resolved = resolve_later()
                 for a in resolved:
-                    store.write_manifest(a, runs_dir, seeds[a.name])
+                    store.write_manifest(a, runs_dir, seeds[a.name], _test_margin(a))
                     plans[a.name] = plan(a)
                 ablations = ablations + resolved
                 if "grid" in args.stages:

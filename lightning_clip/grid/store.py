@@ -198,14 +198,18 @@ def share_evaluations(copies: Sequence[tuple[Run, Path]], split: str = "val") ->
             shutil.copy2(source / out, run.run_dir / out)
 
 
-def write_manifest(ablation: Ablation, runs_dir: Path, seeds: Sequence[int]) -> None:
+def write_manifest(ablation: Ablation, runs_dir: Path, seeds: Sequence[int], test_margin: float | None = None) -> None:
     """runs/<ablation>/ablation.json: cells, baseline, descriptions and the ablation's report settings, so
-    that the report (and the notebook) can be rebuilt from the runs folder alone."""
+    that the report (and the notebook) can be rebuilt from the runs folder alone. ``test_margin``: the
+    ablation is reported on the test split with this equivalence margin (`test_split` in the manifest), so
+    the report names its validation table `<ablation>_val` and does not overwrite the test-split table."""
     folder = Path(runs_dir) / ablation.name
     folder.mkdir(parents=True, exist_ok=True)
     manifest = dict(ablation=ablation.name, baseline=ablation.baseline.name, seeds=list(seeds),
                     cells=[dict(name=c.name, description=c.description, config=str(c.path)) for c in ablation.cells],
                     report=dict(ablation.report))
+    if test_margin is not None:
+        manifest["test_split"] = dict(margin=test_margin)
     atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 

@@ -1,11 +1,15 @@
-"""`python -m lightning_clip.report [--ablation NAME ...]`: the tables and plots of finished ablations."""
+"""`python -m lightning_clip.report [--ablation NAME ...]`: the tables and plots of finished ablations; for a
+design ablation on the test split (its manifest's `test_split`) the validation table is `<name>_val` and the
+test-split table `<name>`, as the runner writes them."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Sequence
 
+from .load import read_manifest
 from .settings import CURVE_TAGS
+from .test_split import write_test
 from .write import write_report
 
 
@@ -24,6 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not names:
         p.error(f"no ablation runs under {a.runs_dir}")
     for name in names:
-        written = write_report(name, a.runs_dir, a.results_dir, plots=not a.no_plots, curve_tags=a.curve_tags)
+        test = read_manifest(a.runs_dir / name).get("test_split")  # a design ablation on the fair protocol
+        written = write_report(name, a.runs_dir, a.results_dir, plots=not a.no_plots, curve_tags=a.curve_tags,
+                               out=f"{name}_val" if test else None)
+        if test:
+            written |= {f"test {k}": v for k, v in write_test(name, a.runs_dir, a.results_dir,
+                                                             margin=test["margin"]).items()}
         print(f"{name}: wrote " + ", ".join(str(x) for x in written.values()))
     return 0
