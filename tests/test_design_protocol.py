@@ -221,6 +221,31 @@ def test_no_interaction_table_without_a_series_grid(tmp_path):
     assert "Interaction" not in md and "| `other` |" in md and "above" in md
 
 
+def test_the_test_table_carries_the_variance_calibration_of_cells_with_log_std_heads(tmp_path):
+    _test_runs(tmp_path / "runs", "variance", {"base": [30, 31, 29, 30, 30], "prob": [31, 30, 30, 29, 31]}, "base")
+    ause = [0.10, 0.12, 0.11, 0.13, 0.09]
+    for seed, a in enumerate(ause):                     # only `prob` has log-std heads
+        path = tmp_path / "runs" / "variance" / "prob" / f"seed_{seed}" / confirm.TEST_FILE
+        records = json.loads(path.read_text())
+        records.append({"task": "variance_calibration",
+                        "metrics": {"text_ause": a, "image_ause": 2 * a, "text_R@1_decile_1": 0.8,
+                                    "text_R@1_decile_10": 0.02 * (seed + 1)}})
+        path.write_text(json.dumps(records))
+    written = test_split.write_test("variance", tmp_path / "runs", tmp_path / "results")
+    md = written["md"].read_text()
+    section = md.split("## Variance calibration on the test split", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) == 1 and rows[0].startswith("| `prob` |")       # the cell without heads is not listed
+    half = stats.t.ppf(0.975, 4) * np.std(ause, ddof=1) / math.sqrt(5)
+    assert f"{np.mean(ause):.3f} [{np.mean(ause) - half:.3f}, {np.mean(ause) + half:.3f}] (5)" in rows[0]
+    assert "| 80.0 [80.0, 80.0] (5) | 6.0 [" in rows[0]                # deciles in percent
+    csv_text = written["csv"].read_text()
+    assert "AUSE (text) mean" in csv_text and "t2i R@1 (least certain tenth) high" in csv_text
+    # no record anywhere: no section
+    _test_runs(tmp_path / "runs2", "damsm", {"base": [30, 31, 29, 30, 30], "other": [31, 30, 30, 29, 31]}, "base")
+    assert "Variance calibration" not in test_split.write_test("damsm", tmp_path / "runs2", tmp_path / "r2")["md"].read_text()
+
+
 def test_requires_pulls_in_the_required_ablation_first_and_refuses_a_circle(tmp_path):
     root = tmp_path / "abl"
     _ablation(root, "teacher", {"t": "# t\n# @baseline\nmodel:\n  loss: infonce\n"}, {"study": True})

@@ -17,16 +17,61 @@ _ablation.yaml): results/<ablation>.md, .csv, from each run's eval_test.json.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 from pathlib import Path
 
 
 from .columns import series_of
-from .confirm import PRIMARY, _ceiling_line, _ci, _values, compare, load_test, write_table
+from .confirm import PRIMARY, TEST_FILE, _ceiling_line, _ci, _values, compare, load_test, write_table
 from .load import read_manifest
 from .stats import holm, paired_difference, paired_p, t_interval, tost
 
 SHOWN = ("t2i R@1", "i2t R@1", "rsum", "semantic t2i R@1")
+CALIBRATION = "variance_calibration"
+#: the calibration section, for cells with log-std heads: (key in the record, label, scale, decimals)
+CALIBRATION_SHOWN = (("text_ause", "AUSE (text)", 1, 3), ("image_ause", "AUSE (image)", 1, 3),
+                     ("text_R@1_decile_1", "t2i R@1 (most certain tenth)", 100, 1),
+                     ("text_R@1_decile_10", "t2i R@1 (least certain tenth)", 100, 1))
+
+
+def load_calibration(folder: Path, cells) -> dict[str, dict[int, dict[str, float]]]:
+    """{cell: {seed: the test split's variance_calibration metrics}} of the runs whose eval_test.json has
+    that record (families with log-std heads); a run without one is left out."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for cell in cells:
+        for path in sorted((Path(folder) / cell).glob(f"seed_*/{TEST_FILE}")):
+            try:
+                records = json.loads(path.read_text(encoding="utf-8"))
+                found = [r["metrics"] for r in records if r.get("task") == CALIBRATION]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}: unreadable evaluation records ({e})") from None
+            if found:
+                out.setdefault(cell, {})[int(path.parent.name.split("_")[1])] = found[0]
+    return out
+
+
+def calibration_lines(calibration, rows: list[dict]) -> list[str]:
+    """The markdown section of the calibration columns (mean [95% t-interval] (seeds)); adds each interval
+    to its cell's row, so that the CSV carries it too. [] when no cell has log-std heads."""
+    if not calibration:
+        return []
+    lines = ["", "## Variance calibration on the test split", "",
+             "Cells with log-std heads: AUSE (area between the sparsification curve and the oracle's; 0 = the "
+             "log-std orders the retrieval errors exactly) and t2i R@1 of the tenth of the test captions with "
+             "the smallest and the largest predicted log-std. Mean [95% t-interval] (seeds).", "",
+             "| cell | " + " | ".join(label for _, label, _, _ in CALIBRATION_SHOWN) + " |",
+             "|" + "---|" * (len(CALIBRATION_SHOWN) + 1)]
+    by_cell = {r["cell"]: r for r in rows}
+    for cell, seeds in calibration.items():
+        cells_out = []
+        for key, label, scale, decimals in CALIBRATION_SHOWN:
+            i = t_interval(scale * m[key] for m in seeds.values() if key in m)
+            by_cell.setdefault(cell, {"cell": cell})[f"tuned {label}"] = i
+            cells_out.append("–" if i.n == 0 else f"{i.mean:.{decimals}f}" + (
+                "" if i.n < 2 else f" [{i.low:.{decimals}f}, {i.high:.{decimals}f}]") + f" ({i.n})")
+        lines.append(f"| `{cell}` | " + " | ".join(cells_out) + " |")
+    return lines
 
 
 def interactions(runs, baseline: str, margin: float, alpha: float = 0.05) -> list[dict]:
@@ -109,6 +154,7 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
             holm_p = f", Holm p {r['holm p']:.3f}" if math.isfinite(r["holm p"]) else ""
             lines.append(f"| `{r['series']}` | {r['x']} | {_ci(r['gap at x'])} | {_ci(r['gap at x0'])} | "
                          f"{_ci(r['delta'])}{holm_p} | {r['verdict']} |")
+    lines += calibration_lines(load_calibration(folder, cells), rows)
     ceiling = _ceiling_line(runs)
     if ceiling:
         lines += ["", ceiling]
