@@ -215,10 +215,43 @@ def test_the_interaction_is_a_paired_difference_of_differences(tmp_path):
     assert "Δ siglip x=16" in csv_text and "delta mean" in csv_text
 
 
+def test_each_series_is_compared_with_the_reference_at_the_same_x_on_plain_and_semantic_recall(tmp_path):
+    # duplicates' question: oracle targets may lose plain recall and gain semantic recall at the same
+    # false-negative share; the table states both
+    rng = np.random.default_rng(1)
+    seed_effect = rng.normal(0, 2, 5)
+    plain = {("infonce", 1): 30, ("infonce", 24): 20, ("oracle", 1): 30, ("oracle", 24): 17}
+    semantic = {("infonce", 1): 40, ("infonce", 24): 30, ("oracle", 1): 40, ("oracle", 24): 45}
+    cells = {f"{s}-fn{x}": list(v + seed_effect + rng.normal(0, 0.2, 5)) for (s, x), v in plain.items()}
+    _test_runs(tmp_path / "runs", "duplicates", cells, baseline="infonce-fn1")
+    for (s, x), v in semantic.items():                   # a semantic recall of its own per cell and seed
+        for seed in range(5):
+            path = tmp_path / "runs" / "duplicates" / f"{s}-fn{x}" / f"seed_{seed}" / confirm.TEST_FILE
+            records = json.loads(path.read_text())
+            records[0]["metrics"]["semantic_t2i_R@1"] = (v + seed_effect[seed] + rng.normal(0, 0.2)) / 100
+            path.write_text(json.dumps(records))
+    runs = confirm.load_test(tmp_path / "runs" / "duplicates", list(cells))
+    gaps = {r["x"]: r for r in test_split.gaps_at_each_x(runs, "infonce-fn1", 1.5)}
+    assert set(gaps) == {1, 24} and all(r["series"] == "oracle" for r in gaps.values())
+    sem = {c: confirm._values(runs[c], "semantic t2i R@1") for c in runs}
+    d = np.array([sem["oracle-fn24"][k] - sem["infonce-fn24"][k] for k in range(5)])
+    half = stats.t.ppf(1 - 0.05 / 2 / 2, 4) * d.std(ddof=1) / math.sqrt(5)   # Bonferroni over 2 per metric
+    r = gaps[24]["semantic t2i R@1"]
+    assert r.mean == pytest.approx(d.mean()) and r.high - r.mean == pytest.approx(half)
+    assert gaps[24]["t2i R@1 verdict"] == "below" and gaps[24]["semantic t2i R@1 verdict"] == "above"
+    assert gaps[1]["t2i R@1 verdict"] == "equivalent (±1.5)"
+    written = test_split.write_test("duplicates", tmp_path / "runs", tmp_path / "results", margin=1.5)
+    md = written["md"].read_text()
+    row = next(line for line in md.split("## Each series against `infonce` at the same x")[1].splitlines()
+               if line.startswith("| `oracle` | 24 |"))
+    assert row.count("| below |") == 1 and row.rstrip().endswith("| above |")
+    assert "oracle − infonce x=24" in written["csv"].read_text()
+
+
 def test_no_interaction_table_without_a_series_grid(tmp_path):
     _test_runs(tmp_path / "runs", "damsm", {"base": [30, 31, 29, 30, 30], "other": [32, 33, 31, 32, 33]}, "base")
     md = test_split.write_test("damsm", tmp_path / "runs", tmp_path / "results")["md"].read_text()
-    assert "Interaction" not in md and "| `other` |" in md and "above" in md
+    assert "Interaction" not in md and "| `other` |" in md and "above" in md and "at the same x" not in md
 
 
 def test_the_test_table_carries_the_variance_calibration_of_cells_with_log_std_heads(tmp_path):

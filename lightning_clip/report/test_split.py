@@ -116,6 +116,52 @@ def interactions(runs, baseline: str, margin: float, alpha: float = 0.05) -> lis
     return rows
 
 
+GAP_METRICS = ("t2i R@1", "semantic t2i R@1")
+
+
+def gaps_at_each_x(runs, baseline: str, margin: float, alpha: float = 0.05) -> list[dict]:
+    """For a series grid: every series S against the baseline's series B at the same x, S_x − B_x paired by
+    seed, on each of GAP_METRICS (plain and semantic recall side by side: duplicates' oracle targets can
+    gain on one and lose on the other). Per metric one family of comparisons: Bonferroni intervals, Holm p,
+    Holm-adjusted TOST, verdicts as in the baseline comparison. [] when the cells are not a series grid."""
+    parsed = series_of(list(runs))
+    if parsed is None or baseline not in parsed[0]:
+        return []
+    where, _ = parsed
+    ref_series = where[baseline][0]
+    cell_at = {v: c for c, v in where.items()}
+    pairs = {(s, x): (c, cell_at[(ref_series, x)]) for c, (s, x) in where.items()
+             if s != ref_series and (ref_series, x) in cell_at}
+    rows = {k: {"series": k[0], "x": k[1], "reference": ref_series} for k in pairs}
+    m = max(1, len(pairs))
+    for metric in GAP_METRICS:
+        values = {c: _values(r, metric) for c, r in runs.items()}
+        p_diff = holm({k: paired_p(values[a], values[b]) for k, (a, b) in pairs.items()})
+        p_equiv = holm({k: tost(values[a], values[b], margin) for k, (a, b) in pairs.items()})
+        for k, (a, b) in pairs.items():
+            interval = paired_difference(values[a], values[b], 1 - alpha / m)
+            rows[k][metric] = interval
+            rows[k][f"{metric} verdict"] = (
+                "" if interval.n < 2 else ("above" if interval.mean > 0 else "below") if p_diff[k] < alpha else
+                f"equivalent (±{margin:g})" if p_equiv[k] < alpha else "undecided")
+    return sorted(rows.values(), key=lambda r: (r["series"], r["x"]))
+
+
+def gap_lines(gaps: list[dict], margin: float) -> list[str]:
+    if not gaps:
+        return []
+    ref = gaps[0]["reference"]
+    lines = ["", f"## Each series against `{ref}` at the same x", "",
+             f"S at x − `{ref}` at x, paired by seed: Bonferroni interval over the {len(gaps)} comparisons of each "
+             f"metric, Holm at 5%, TOST ±{margin:g} (Holm-adjusted); each metric is a family of its own.", "",
+             "| series | x | " + " | ".join(f"{m} gap | verdict" for m in GAP_METRICS) + " |",
+             "|" + "---|" * (2 + 2 * len(GAP_METRICS))]
+    for r in gaps:
+        lines.append(f"| `{r['series']}` | {r['x']} | " + " | ".join(
+            f"{_ci(r[m])} | {r[f'{m} verdict']}" for m in GAP_METRICS) + " |")
+    return lines
+
+
 def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: float = 1.5) -> dict[str, Path]:
     folder = Path(runs_dir) / ablation
     manifest = read_manifest(folder)
@@ -140,6 +186,8 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
     lines += ["", f"Cell − baseline: paired by seed, Bonferroni interval at family-wise 95% over {m} comparisons; "
               f"verdicts by Holm at 5% (difference) and by TOST with margin ±{margin:g} points, Holm-adjusted "
               "(equivalence). One-seed cells have no interval and no verdict."]
+    gaps = gaps_at_each_x(runs, baseline, margin)
+    lines += gap_lines(gaps, margin)
     inter = interactions(runs, baseline, margin)
     if inter:
         ref, x0 = inter[0]["reference"], inter[0]["x0"]
@@ -159,4 +207,6 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
     if ceiling:
         lines += ["", ceiling]
     deltas = [{"cell": f"Δ {r['series']} x={r['x']}", **{k: v for k, v in r.items() if k != "series"}} for r in inter]
-    return write_table(results_dir, ablation, lines, rows + deltas, rename=lambda k: k.replace("tuned ", ""))
+    same_x = [{"cell": f"{r['series']} − {r['reference']} x={r['x']}",
+               "x": r["x"], **{f"gap {k}": v for k, v in r.items() if k not in ("series", "reference", "x")}} for r in gaps]
+    return write_table(results_dir, ablation, lines, rows + same_x + deltas, rename=lambda k: k.replace("tuned ", ""))
