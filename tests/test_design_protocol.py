@@ -248,6 +248,17 @@ def test_each_series_is_compared_with_the_reference_at_the_same_x_on_plain_and_s
     assert "oracle − infonce x=24" in written["csv"].read_text()
 
 
+def test_a_verdict_never_contradicts_the_interval_printed_beside_it():
+    from lightning_clip.report.stats import Interval, verdict
+
+    # Holm's step-down rejects (p 0.02) where the Bonferroni interval still holds 0: no "above"
+    assert verdict(Interval(4.2, -0.5, 8.8, 5), 0.02, 0.9, 1.5) == "undecided"
+    assert verdict(Interval(4.2, 0.3, 8.1, 5), 0.02, 0.9, 1.5) == "above"
+    assert verdict(Interval(-4.2, -8.1, -0.3, 5), 0.02, 0.9, 1.5, words=("larger", "smaller")) == "smaller"
+    assert verdict(Interval(0.1, -0.9, 1.1, 5), 0.8, 0.01, 1.5) == "equivalent (±1.5)"
+    assert verdict(Interval(4.2, 0.3, 8.1, 1), 0.02, 0.9, 1.5) == ""
+
+
 def test_no_interaction_table_without_a_series_grid(tmp_path):
     _test_runs(tmp_path / "runs", "damsm", {"base": [30, 31, 29, 30, 30], "other": [32, 33, 31, 32, 33]}, "base")
     md = test_split.write_test("damsm", tmp_path / "runs", tmp_path / "results")["md"].read_text()

@@ -22,7 +22,7 @@ from typing import Mapping
 from lightning_clip.files import atomic_write
 
 from .load import read_manifest
-from .stats import holm, kendall, paired_difference, paired_p, rank_cells, t_interval, tost
+from .stats import holm, kendall, paired_difference, paired_p, rank_cells, t_interval, tost, verdict
 from .tables import write_csv
 
 TEST_FILE = "eval_test.json"
@@ -82,9 +82,7 @@ def compare(default, tuned, baseline: str, margin: float, alpha: float = 0.05) -
         if c in others:
             row["vs baseline"] = paired_difference(primary[c], primary[baseline], 1 - alpha / m)
             row["holm p"], row["tost p"] = p_diff[c], p_equiv[c]
-            mean = row["vs baseline"].mean
-            row["verdict"] = (("above" if mean > 0 else "below") if p_diff[c] < alpha else
-                              f"equivalent (±{margin:g})" if p_equiv[c] < alpha else "undecided")
+            row["verdict"] = verdict(row["vs baseline"], p_diff[c], p_equiv[c], margin, alpha)
         rows.append(row)
     return rows
 
@@ -141,7 +139,7 @@ def write_confirm(ablation: str, runs_dir="runs", results_dir="results", margin:
                                                           math.isfinite(r["holm p"]) else "") if vs else "",
             r.get("verdict", ""), f"{rank_d.get(c, math.nan):g} → {rank_t.get(c, math.nan):g}"]) + " |")
     lines += ["", f"Tuned − baseline: paired by seed, Bonferroni interval at family-wise 95% over {m} comparisons; "
-              f"verdicts by Holm at 5% (difference) and by TOST with margin ±{margin:g} points, Holm-adjusted "
+              f"verdicts by Holm at 5% where the interval agrees (difference) and by TOST with margin ±{margin:g} points, Holm-adjusted "
               "(equivalence). One-seed cells have no interval and no verdict.",
               f"Kendall's τ between the default and the tuned ranking ({PRIMARY} means): "
               + (f"{tau:.2f}" if math.isfinite(tau) else "undefined (ties or fewer than two cells)")

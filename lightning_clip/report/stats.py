@@ -152,3 +152,19 @@ def tost(cell: Mapping[int, float], baseline: Mapping[int, float], margin: float
     below = stats.ttest_1samp(d, margin, alternative="less").pvalue
     return float(max(above, below))
 
+
+
+def verdict(interval: Interval, p_diff: float, p_equiv: float, margin: float, alpha: float = 0.05,
+            words: tuple[str, str] = ("above", "below")) -> str:
+    """A comparison's verdict, beside the Bonferroni interval printed with it: ``words`` (up, down) only
+    where Holm rejects at ``alpha`` *and* that interval excludes 0 (Holm's step-down can reject where the
+    Bonferroni interval still holds 0, and a verdict must not contradict its interval); "equivalent (±m)"
+    where the Holm-adjusted TOST rejects a difference of ``margin`` or more; else "undecided"; "" with
+    fewer than two seeds."""
+    if interval.n < 2:
+        return ""
+    if p_diff < alpha and (interval.low > 0 or interval.high < 0):
+        return words[0] if interval.mean > 0 else words[1]
+    if p_equiv < alpha:
+        return f"equivalent (±{margin:g})"
+    return "undecided"

@@ -25,7 +25,7 @@ from pathlib import Path
 from .columns import series_of
 from .confirm import PRIMARY, TEST_FILE, _ceiling_line, _ci, _values, compare, load_test, write_table
 from .load import read_manifest
-from .stats import holm, paired_difference, paired_p, t_interval, tost
+from .stats import holm, paired_difference, paired_p, t_interval, tost, verdict
 
 SHOWN = ("t2i R@1", "i2t R@1", "rsum", "semantic t2i R@1")
 CALIBRATION = "variance_calibration"
@@ -108,11 +108,10 @@ def interactions(runs, baseline: str, margin: float, alpha: float = 0.05) -> lis
     for (series, x), d in deltas.items():
         k = (series, x)
         interval = paired_difference(d, zero, 1 - alpha / m)
-        verdict = ("" if interval.n < 2 else ("larger" if interval.mean > 0 else "smaller") if p_diff[k] < alpha else
-                   f"equivalent (±{margin:g})" if p_equiv[k] < alpha else "undecided")
         rows.append({"series": series, "x": x, "x0": x0, "reference": ref_series,
                      "gap at x": t_interval(gaps[k][0].values()), "gap at x0": t_interval(gaps[k][1].values()),
-                     "delta": interval, "holm p": p_diff[k], "tost p": p_equiv[k], "verdict": verdict})
+                     "delta": interval, "holm p": p_diff[k], "tost p": p_equiv[k],
+                     "verdict": verdict(interval, p_diff[k], p_equiv[k], margin, alpha, ("larger", "smaller"))})
     return rows
 
 
@@ -141,9 +140,7 @@ def gaps_at_each_x(runs, baseline: str, margin: float, alpha: float = 0.05) -> l
         for k, (a, b) in pairs.items():
             interval = paired_difference(values[a], values[b], 1 - alpha / m)
             rows[k][metric] = interval
-            rows[k][f"{metric} verdict"] = (
-                "" if interval.n < 2 else ("above" if interval.mean > 0 else "below") if p_diff[k] < alpha else
-                f"equivalent (±{margin:g})" if p_equiv[k] < alpha else "undecided")
+            rows[k][f"{metric} verdict"] = verdict(interval, p_diff[k], p_equiv[k], margin, alpha)
     return sorted(rows.values(), key=lambda r: (r["series"], r["x"]))
 
 
@@ -153,7 +150,8 @@ def gap_lines(gaps: list[dict], margin: float) -> list[str]:
     ref = gaps[0]["reference"]
     lines = ["", f"## Each series against `{ref}` at the same x", "",
              f"S at x − `{ref}` at x, paired by seed: Bonferroni interval over the {len(gaps)} comparisons of each "
-             f"metric, Holm at 5%, TOST ±{margin:g} (Holm-adjusted); each metric is a family of its own.", "",
+             f"metric; above / below where Holm rejects at 5% and the interval excludes 0, TOST ±{margin:g} "
+             "(Holm-adjusted); each metric is a family of its own.", "",
              "| series | x | " + " | ".join(f"{m} gap | verdict" for m in GAP_METRICS) + " |",
              "|" + "---|" * (2 + 2 * len(GAP_METRICS))]
     for r in gaps:
@@ -184,7 +182,7 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
             (_ci(vs) + (f", Holm p {r['holm p']:.3f}" if math.isfinite(r["holm p"]) else "")) if vs else "",
             r.get("verdict", "") if vs is not None and vs.n >= 2 else ""]) + " |")
     lines += ["", f"Cell − baseline: paired by seed, Bonferroni interval at family-wise 95% over {m} comparisons; "
-              f"verdicts by Holm at 5% (difference) and by TOST with margin ±{margin:g} points, Holm-adjusted "
+              f"verdicts by Holm at 5% where the interval agrees (difference) and by TOST with margin ±{margin:g} points, Holm-adjusted "
               "(equivalence). One-seed cells have no interval and no verdict."]
     gaps = gaps_at_each_x(runs, baseline, margin)
     lines += gap_lines(gaps, margin)
