@@ -38,17 +38,23 @@ COLUMNS = {
 CEILINGS = {"oracle ceiling": ("ceiling_t2i_R@1", "ceiling_i2t_R@1"), "Bayes ceiling": ("bayes_t2i_R@1", "bayes_i2t_R@1")}
 
 
-def load_test(ablation_dir: Path, cells) -> dict[str, dict[int, dict[str, float]]]:
-    """{cell: {seed: test retrieval metrics}} from every <cell>/seed_<k>/eval_test.json."""
+def load_test(ablation_dir: Path, cells, task: str = RETRIEVAL, optional: bool = False
+              ) -> dict[str, dict[int, dict[str, float]]]:
+    """{cell: {seed: metrics of the ``task`` record}} from every <cell>/seed_<k>/eval_test.json. A run
+    without that record is an error, or left out when ``optional`` (the variance calibration exists only
+    for families with log-std heads)."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for cell in cells:
         for path in sorted((Path(ablation_dir) / cell).glob(f"seed_*/{TEST_FILE}")):
             try:
                 records = json.loads(path.read_text(encoding="utf-8"))
-                metrics = next(r["metrics"] for r in records if r["task"] == RETRIEVAL)
-            except (OSError, ValueError, KeyError, StopIteration) as e:
-                raise ValueError(f"{path}: no {RETRIEVAL} record ({e})") from None
-            out.setdefault(cell, {})[int(path.parent.name.split("_")[1])] = metrics
+                found = [r["metrics"] for r in records if r["task"] == task]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: unreadable evaluation records ({e})") from None
+            if not found and not optional:
+                raise ValueError(f"{path}: no {task} record")
+            if found:
+                out.setdefault(cell, {})[int(path.parent.name.split("_")[1])] = found[0]
     return out
 
 
@@ -56,10 +62,11 @@ def _values(runs: Mapping[int, Mapping[str, float]], label: str) -> dict[int, fl
     return {s: 100.0 * COLUMNS[label](m) for s, m in runs.items()}
 
 
-def _ci(i) -> str:
+def _ci(i, decimals: int = 1) -> str:
     if i.n == 0:
         return "–"
-    return f"{i.mean:.1f}" + ("" if i.n < 2 else f" [{i.low:.1f}, {i.high:.1f}]") + f" ({i.n})"
+    f = f".{decimals}f"
+    return f"{i.mean:{f}}" + ("" if i.n < 2 else f" [{i.low:{f}}, {i.high:{f}}]") + f" ({i.n})"
 
 
 def compare(default, tuned, baseline: str, margin: float, alpha: float = 0.05) -> list[dict]:
@@ -139,8 +146,8 @@ def write_confirm(ablation: str, runs_dir="runs", results_dir="results", margin:
                                                           math.isfinite(r["holm p"]) else "") if vs else "",
             r.get("verdict", ""), f"{rank_d.get(c, math.nan):g} → {rank_t.get(c, math.nan):g}"]) + " |")
     lines += ["", f"Tuned − baseline: paired by seed, Bonferroni interval at family-wise 95% over {m} comparisons; "
-              f"verdicts by Holm at 5% where the interval agrees (difference) and by TOST with margin ±{margin:g} points, Holm-adjusted "
-              "(equivalence). One-seed cells have no interval and no verdict.",
+              f"verdicts by Holm at 5% where the interval agrees (difference) and by TOST with margin "
+              f"±{margin:g} points, Holm-adjusted (equivalence). One-seed cells have no interval and no verdict.",
               f"Kendall's τ between the default and the tuned ranking ({PRIMARY} means): "
               + (f"{tau:.2f}" if math.isfinite(tau) else "undefined (ties or fewer than two cells)")
               + f" over {len(rows)} cells; within the leading group ({', '.join(f'`{c}`' for c in lead)}): "

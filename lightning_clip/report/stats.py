@@ -153,7 +153,6 @@ def tost(cell: Mapping[int, float], baseline: Mapping[int, float], margin: float
     return float(max(above, below))
 
 
-
 def verdict(interval: Interval, p_diff: float, p_equiv: float, margin: float, alpha: float = 0.05,
             words: tuple[str, str] = ("above", "below")) -> str:
     """A comparison's verdict, beside the Bonferroni interval printed with it: ``words`` (up, down) only

@@ -17,13 +17,12 @@ _ablation.yaml): results/<ablation>.md, .csv, from each run's eval_test.json.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from pathlib import Path
 
 
 from .columns import series_of
-from .confirm import PRIMARY, TEST_FILE, _ceiling_line, _ci, _values, compare, load_test, write_table
+from .confirm import PRIMARY, _ceiling_line, _ci, _values, compare, load_test, write_table
 from .load import read_manifest
 from .stats import holm, paired_difference, paired_p, t_interval, tost, verdict
 
@@ -33,22 +32,6 @@ CALIBRATION = "variance_calibration"
 CALIBRATION_SHOWN = (("text_ause", "AUSE (text)", 1, 3), ("image_ause", "AUSE (image)", 1, 3),
                      ("text_R@1_decile_1", "t2i R@1 (most certain tenth)", 100, 1),
                      ("text_R@1_decile_10", "t2i R@1 (least certain tenth)", 100, 1))
-
-
-def load_calibration(folder: Path, cells) -> dict[str, dict[int, dict[str, float]]]:
-    """{cell: {seed: the test split's variance_calibration metrics}} of the runs whose eval_test.json has
-    that record (families with log-std heads); a run without one is left out."""
-    out: dict[str, dict[int, dict[str, float]]] = {}
-    for cell in cells:
-        for path in sorted((Path(folder) / cell).glob(f"seed_*/{TEST_FILE}")):
-            try:
-                records = json.loads(path.read_text(encoding="utf-8"))
-                found = [r["metrics"] for r in records if r.get("task") == CALIBRATION]
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path}: unreadable evaluation records ({e})") from None
-            if found:
-                out.setdefault(cell, {})[int(path.parent.name.split("_")[1])] = found[0]
-    return out
 
 
 def calibration_lines(calibration, rows: list[dict]) -> list[str]:
@@ -62,15 +45,13 @@ def calibration_lines(calibration, rows: list[dict]) -> list[str]:
              "the smallest and the largest predicted log-std. Mean [95% t-interval] (seeds).", "",
              "| cell | " + " | ".join(label for _, label, _, _ in CALIBRATION_SHOWN) + " |",
              "|" + "---|" * (len(CALIBRATION_SHOWN) + 1)]
-    by_cell = {r["cell"]: r for r in rows}
+    by_cell = {r["cell"]: r for r in rows}   # every cell with a test evaluation has its row
     for cell, seeds in calibration.items():
-        cells_out = []
+        shown = []
         for key, label, scale, decimals in CALIBRATION_SHOWN:
-            i = t_interval(scale * m[key] for m in seeds.values() if key in m)
-            by_cell.setdefault(cell, {"cell": cell})[f"tuned {label}"] = i
-            cells_out.append("–" if i.n == 0 else f"{i.mean:.{decimals}f}" + (
-                "" if i.n < 2 else f" [{i.low:.{decimals}f}, {i.high:.{decimals}f}]") + f" ({i.n})")
-        lines.append(f"| `{cell}` | " + " | ".join(cells_out) + " |")
+            by_cell[cell][f"tuned {label}"] = i = t_interval(scale * m[key] for m in seeds.values() if key in m)
+            shown.append(_ci(i, decimals))
+        lines.append(f"| `{cell}` | " + " | ".join(shown) + " |")
     return lines
 
 
@@ -182,8 +163,8 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
             (_ci(vs) + (f", Holm p {r['holm p']:.3f}" if math.isfinite(r["holm p"]) else "")) if vs else "",
             r.get("verdict", "") if vs is not None and vs.n >= 2 else ""]) + " |")
     lines += ["", f"Cell − baseline: paired by seed, Bonferroni interval at family-wise 95% over {m} comparisons; "
-              f"verdicts by Holm at 5% where the interval agrees (difference) and by TOST with margin ±{margin:g} points, Holm-adjusted "
-              "(equivalence). One-seed cells have no interval and no verdict."]
+              f"verdicts by Holm at 5% where the interval agrees (difference) and by TOST with margin "
+              f"±{margin:g} points, Holm-adjusted (equivalence). One-seed cells have no interval and no verdict."]
     gaps = gaps_at_each_x(runs, baseline, margin)
     lines += gap_lines(gaps, margin)
     inter = interactions(runs, baseline, margin)
@@ -200,11 +181,11 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
             holm_p = f", Holm p {r['holm p']:.3f}" if math.isfinite(r["holm p"]) else ""
             lines.append(f"| `{r['series']}` | {r['x']} | {_ci(r['gap at x'])} | {_ci(r['gap at x0'])} | "
                          f"{_ci(r['delta'])}{holm_p} | {r['verdict']} |")
-    lines += calibration_lines(load_calibration(folder, cells), rows)
+    lines += calibration_lines(load_test(folder, cells, CALIBRATION, optional=True), rows)
     ceiling = _ceiling_line(runs)
     if ceiling:
         lines += ["", ceiling]
     deltas = [{"cell": f"Δ {r['series']} x={r['x']}", **{k: v for k, v in r.items() if k != "series"}} for r in inter]
-    same_x = [{"cell": f"{r['series']} − {r['reference']} x={r['x']}",
-               "x": r["x"], **{f"gap {k}": v for k, v in r.items() if k not in ("series", "reference", "x")}} for r in gaps]
+    same_x = [{"cell": f"{r['series']} − {r['reference']} x={r['x']}", "x": r["x"],
+               **{f"gap {k}": v for k, v in r.items() if k not in ("series", "reference", "x")}} for r in gaps]
     return write_table(results_dir, ablation, lines, rows + same_x + deltas, rename=lambda k: k.replace("tuned ", ""))
