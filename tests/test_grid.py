@@ -133,7 +133,8 @@ def test_ablation_needs_one_baseline(project):
 def test_shipped_ablations_are_well_formed():
     root = REPO / "experiments" / "ablations"
     names = cells.available(root)
-    assert names[:5] == ["losses", "batch_size", "batch_steps", "duplicates", "variance"] and "real" in names
+    assert names[:6] == ["losses", "batch_size", "batch_steps", "batch_pairs", "duplicates", "variance"]
+    assert "real" in names
     # studies run only when named: the budget studies, and the teacher the duplicates ablation requires
     studies = {"convergence", "batch_convergence", "teacher"}
     assert studies <= set(names) and all(cells.load_ablation(n, root).study for n in studies)
@@ -168,6 +169,14 @@ def test_shipped_ablations_are_well_formed():
     # of its own plateau (results/batch_convergence.md), and both views on the test protocol
     needed = {16: 10240, 64: 2000, 128: 1280}
     assert all(s >= needed[b] for b, s in [*sizes.values(), *steps.values()])
+    # equal pairs again at batch_steps' budget for batch 64, where batch_size's 2,560 steps fell short of
+    # the plateau: its batch-64 cells must be batch_steps' own (same delta, so the runner copies them)
+    pairs = cells.load_ablation("batch_pairs", root).cells
+    assert len({b * s for b, s in map(shape, pairs)}) == 1 and {b for b, _ in map(shape, pairs)} == {16, 64, 128}
+    by_name = {c.name: c for c in cells.load_ablation("batch_steps", root).cells}
+    for c in pairs:
+        if shape(c)[0] == 64:
+            assert yaml.safe_load(c.path.read_text()) == yaml.safe_load(by_name[c.name].path.read_text()), c.name
     assert cells.load_ablation("batch_size", root).confirm["seeds"] >= 5
     # the duplicate-aware comparison needs an image several times in a batch, and the false-negative
     # settings differ in the training captions only
