@@ -133,7 +133,7 @@ def test_ablation_needs_one_baseline(project):
 def test_shipped_ablations_are_well_formed():
     root = REPO / "experiments" / "ablations"
     names = cells.available(root)
-    assert names[:6] == ["losses", "batch_size", "batch_steps", "batch_pairs", "duplicates", "variance"]
+    assert names[:7] == ["losses", "batch_size", "batch_steps", "batch_pairs", "batch_steps_b128", "duplicates", "variance"]
     assert "real" in names
     # studies run only when named: the budget studies, and the teacher the duplicates ablation requires
     studies = {"convergence", "batch_convergence", "teacher"}
@@ -178,6 +178,11 @@ def test_shipped_ablations_are_well_formed():
         if shape(c)[0] == 64:
             assert yaml.safe_load(c.path.read_text()) == yaml.safe_load(by_name[c.name].path.read_text()), c.name
     assert cells.load_ablation("batch_size", root).confirm["seeds"] >= 5
+    # batch_steps' batch-128 gap on 5 seeds: the same two cells (so a full make ablate copies seeds 0-2)
+    b128 = cells.load_ablation("batch_steps_b128", root)
+    assert b128.confirm["seeds"] >= 5 and {c.name for c in b128.cells} == {"infonce-b128", "siglip-b128"}
+    for c in b128.cells:
+        assert yaml.safe_load(c.path.read_text()) == yaml.safe_load(by_name[c.name].path.read_text()), c.name
     # the duplicate-aware comparison needs an image several times in a batch, and the false-negative
     # settings differ in the training captions only
     for c in cells.load_ablation("duplicates", root).cells:
