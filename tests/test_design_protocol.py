@@ -248,6 +248,34 @@ def test_each_series_is_compared_with_the_reference_at_the_same_x_on_plain_and_s
     assert "oracle − infonce x=24" in written["csv"].read_text()
 
 
+def test_declared_pairs_compare_two_cells_neither_of_which_is_the_baseline(tmp_path):
+    # gcl_scale's question: a frozen scale against the learned one, both beside the InfoNCE baseline
+    rng = np.random.default_rng(2)
+    seed_effect = rng.normal(0, 2, 5)
+    cells = {c: list(v + seed_effect + rng.normal(0, 0.3, 5))
+             for c, v in (("infonce", 28.0), ("frozen", 27.0), ("learned", 22.0))}
+    _test_runs(tmp_path / "runs", "g", cells, baseline="infonce")
+    manifest = tmp_path / "runs" / "g" / "ablation.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "report": {"pairs": [["frozen", "learned"]]}}))
+    written = test_split.write_test("g", tmp_path / "runs", tmp_path / "results", margin=1.5)
+    md = written["md"].read_text()
+    section = md.split("## Declared pairs (`report.pairs`)", 1)[1]
+    row = next(line for line in section.splitlines() if line.startswith("| `frozen` − `learned` |"))
+    d = np.array(cells["frozen"]) - np.array(cells["learned"])
+    half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / math.sqrt(5)   # one pair: no Bonferroni factor
+    assert f"{d.mean():.1f} [{d.mean() - half:.1f}, {d.mean() + half:.1f}] (5) | above |" in row
+    assert "frozen − learned" in written["csv"].read_text()
+    # a pair naming a cell without test evaluations names it and the manifest; a malformed one is refused
+    manifest.write_text(json.dumps({**m, "report": {"pairs": [["frozen", "absent"]]}}))
+    with pytest.raises(ValueError, match=r"ablation.json: report.pairs: no eval_test.json for cell 'absent'"):
+        test_split.write_test("g", tmp_path / "runs", tmp_path / "results")
+    for bad in (["frozen", "learned"], [["frozen"]], [["frozen", "frozen"]], "frozen learned"):
+        manifest.write_text(json.dumps({**m, "report": {"pairs": bad}}))
+        with pytest.raises(ValueError, match="report.pairs must be a list of"):
+            test_split.write_test("g", tmp_path / "runs", tmp_path / "results")
+
+
 def test_a_verdict_never_contradicts_the_interval_printed_beside_it():
     from lightning_clip.report.stats import Interval, verdict
 

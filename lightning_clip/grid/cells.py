@@ -49,8 +49,8 @@ ABLATIONS_DIR = Path("experiments/ablations")
 SETTINGS_FILE = "_ablation.yaml"
 # The order `make ablate` runs them in: the main table first, and `losses` before `variance`, which
 # repeats three of its cells and so copies their runs. Unlisted ablations follow alphabetically.
-PREFERRED_ORDER = ("losses", "batch_size", "batch_steps", "batch_pairs", "batch_steps_b128", "duplicates", "variance",
-                   "real")
+PREFERRED_ORDER = ("losses", "batch_size", "batch_steps", "batch_pairs", "batch_steps_b128", "gcl_scale", "duplicates",
+                   "variance", "real")
 DEFAULT_SEEDS, QUICK_SEEDS = 3, 1
 CONFIRM_SEEDS = 5  # a claim rests on 5 seeds or more (the confirm stage's default too)
 DIRECTIVES = ("baseline", "quick", "data", "seeds", "tune", "from")
@@ -106,7 +106,7 @@ def parse_param(words: list, where: str) -> Param:
     if kind in ("int", "logint") and not (float(low).is_integer() and float(high).is_integer()):
         raise ValueError(f"{where}: {key}: '{kind}' takes integer bounds, got {low} {high}")
     return Param(key, kind, (low, high))
-REPORT_SETTINGS = {"curve_tags": list, "plateau": bool, "budget_against": str}
+REPORT_SETTINGS = {"curve_tags": list, "plateau": bool, "budget_against": str, "pairs": list}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,10 @@ the runner) under ``"report"``, so that no ablation name is special here:
 
     "report": {"curve_tags": ["val/t2i/R@1", ...] | null,   the curves plot's panels (null: CURVE_TAGS)
                "plateau": true | false,                      the "Convergence" table from those curves
-               "budget_against": "losses" | null}            the "Default budget vs plateau" table against
+               "budget_against": "losses" | null,           the "Default budget vs plateau" table against
                                                              runs/<that ablation> (same runs folder)
+               "pairs": [["A", "B"], ...] | null}            on the test protocol, A − B paired by seed for
+                                                             two cells neither of which is the baseline
 
 A missing key, or null, is the default for that setting.
 """
@@ -22,6 +24,7 @@ class ReportSettings:
     curve_tags: tuple[str, ...] = CURVE_TAGS
     plateau: bool = False
     budget_against: str | None = None
+    pairs: tuple[tuple[str, str], ...] = ()
 
 
 def settings_of(manifest: Mapping) -> ReportSettings:
@@ -42,5 +45,9 @@ def settings_of(manifest: Mapping) -> ReportSettings:
     against = declared.get("budget_against")
     if against is not None and (not isinstance(against, str) or not against):
         raise ValueError(f"ablation.json: report.budget_against must be an ablation name, not {against!r}")
+    pairs = declared.get("pairs") or []
+    if isinstance(pairs, str) or not all(isinstance(q, (list, tuple)) and len(q) == 2 and all(
+            isinstance(c, str) and c for c in q) and q[0] != q[1] for q in pairs):
+        raise ValueError(f"ablation.json: report.pairs must be a list of [cell, other cell], not {pairs!r}")
     return ReportSettings(curve_tags=tuple(tags) if tags is not None else CURVE_TAGS, plateau=bool(plateau),
-                          budget_against=against)
+                          budget_against=against, pairs=tuple(tuple(q) for q in pairs))

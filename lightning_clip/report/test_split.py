@@ -13,6 +13,8 @@ _ablation.yaml): results/<ablation>.md, .csv, from each run's eval_test.json.
 
   "S's gap to B changes between x0 and x" is a claim about Δ, not about two overlapping intervals. Holm over
   all Δ, Bonferroni intervals, verdicts as above.
+- the pairs the ablation declares (`report.pairs` in its _ablation.yaml: `[[A, B], ...]`), A − B paired by
+  seed for two cells neither of which is the baseline (gcl_scale: a frozen scale against the learned one).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from .columns import series_of
 from .confirm import PRIMARY, _ceiling_line, _ci, _values, compare, load_test, write_table
 from .load import read_manifest
+from .settings import settings_of
 from .stats import holm, paired_difference, paired_p, t_interval, tost, verdict
 
 SHOWN = ("t2i R@1", "i2t R@1", "rsum", "semantic t2i R@1")
@@ -99,20 +102,11 @@ def interactions(runs, baseline: str, margin: float, alpha: float = 0.05) -> lis
 GAP_METRICS = ("t2i R@1", "semantic t2i R@1")
 
 
-def gaps_at_each_x(runs, baseline: str, margin: float, alpha: float = 0.05) -> list[dict]:
-    """For a series grid: every series S against the baseline's series B at the same x, S_x − B_x paired by
-    seed, on each of GAP_METRICS (plain and semantic recall side by side: duplicates' oracle targets can
-    gain on one and lose on the other). Per metric one family of comparisons: Bonferroni intervals, Holm p,
-    Holm-adjusted TOST, verdicts as in the baseline comparison. [] when the cells are not a series grid."""
-    parsed = series_of(list(runs))
-    if parsed is None or baseline not in parsed[0]:
-        return []
-    where, _ = parsed
-    ref_series = where[baseline][0]
-    cell_at = {v: c for c, v in where.items()}
-    pairs = {(s, x): (c, cell_at[(ref_series, x)]) for c, (s, x) in where.items()
-             if s != ref_series and (ref_series, x) in cell_at}
-    rows = {k: {"series": k[0], "x": k[1], "reference": ref_series} for k in pairs}
+def paired_gaps(runs, pairs: dict, margin: float, alpha: float = 0.05) -> dict:
+    """For each key's (a, b): a − b paired by seed on each of GAP_METRICS (plain and semantic recall side by
+    side: duplicates' oracle targets can gain on one and lose on the other). Per metric one family of
+    comparisons: Bonferroni intervals, Holm p, Holm-adjusted TOST, verdicts as in the baseline comparison."""
+    rows = {k: {} for k in pairs}
     m = max(1, len(pairs))
     for metric in GAP_METRICS:
         values = {c: _values(r, metric) for c, r in runs.items()}
@@ -122,7 +116,51 @@ def gaps_at_each_x(runs, baseline: str, margin: float, alpha: float = 0.05) -> l
             interval = paired_difference(values[a], values[b], 1 - alpha / m)
             rows[k][metric] = interval
             rows[k][f"{metric} verdict"] = verdict(interval, p_diff[k], p_equiv[k], margin, alpha)
-    return sorted(rows.values(), key=lambda r: (r["series"], r["x"]))
+    return rows
+
+
+def gaps_at_each_x(runs, baseline: str, margin: float, alpha: float = 0.05) -> list[dict]:
+    """For a series grid: every series S against the baseline's series B at the same x, S_x − B_x
+    (`paired_gaps`). [] when the cells are not a series grid."""
+    parsed = series_of(list(runs))
+    if parsed is None or baseline not in parsed[0]:
+        return []
+    where, _ = parsed
+    ref_series = where[baseline][0]
+    cell_at = {v: c for c, v in where.items()}
+    pairs = {(s, x): (c, cell_at[(ref_series, x)]) for c, (s, x) in where.items()
+             if s != ref_series and (ref_series, x) in cell_at}
+    gaps = paired_gaps(runs, pairs, margin, alpha)
+    rows = [{"series": s, "x": x, "reference": ref_series, **gaps[(s, x)]} for s, x in pairs]
+    return sorted(rows, key=lambda r: (r["series"], r["x"]))
+
+
+def declared_pairs(runs, pairs, margin: float, where: str = "report.pairs") -> list[dict]:
+    """The ablation's own comparisons between two non-baseline cells (report.pairs: a frozen against a
+    learned scale, say), A − B paired by seed (`paired_gaps`), a family of their own. A pair naming a cell
+    without test evaluations is an error that names it."""
+    for a, b in pairs:
+        for c in (a, b):
+            if c not in runs:
+                raise ValueError(f"{where}: no eval_test.json for cell '{c}' of the pair {[a, b]} "
+                                 f"(cells with test evaluations: {sorted(runs)})")
+    gaps = paired_gaps(runs, {(a, b): (a, b) for a, b in pairs}, margin)
+    return [{"a": a, "b": b, **gaps[(a, b)]} for a, b in pairs]
+
+
+def pair_lines(pairs: list[dict], margin: float) -> list[str]:
+    if not pairs:
+        return []
+    lines = ["", "## Declared pairs (`report.pairs`)", "",
+             f"A − B, paired by seed: Bonferroni interval over the {len(pairs)} pair(s) of each metric; above / "
+             f"below where Holm rejects at 5% and the interval excludes 0, TOST ±{margin:g} (Holm-adjusted); "
+             "a family of its own, apart from the comparisons with the baseline.", "",
+             "| A − B | " + " | ".join(f"{m} | verdict" for m in GAP_METRICS) + " |",
+             "|" + "---|" * (1 + 2 * len(GAP_METRICS))]
+    for r in pairs:
+        lines.append(f"| `{r['a']}` − `{r['b']}` | " + " | ".join(
+            f"{_ci(r[m])} | {r[f'{m} verdict']}" for m in GAP_METRICS) + " |")
+    return lines
 
 
 def gap_lines(gaps: list[dict], margin: float) -> list[str]:
@@ -144,6 +182,7 @@ def gap_lines(gaps: list[dict], margin: float) -> list[str]:
 def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: float = 1.5) -> dict[str, Path]:
     folder = Path(runs_dir) / ablation
     manifest = read_manifest(folder)
+    declared = settings_of(manifest).pairs
     cells = [c["name"] for c in manifest["cells"]]
     baseline = manifest["baseline"]
     runs = load_test(folder, cells)
@@ -167,6 +206,8 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
               f"±{margin:g} points, Holm-adjusted (equivalence). One-seed cells have no interval and no verdict."]
     gaps = gaps_at_each_x(runs, baseline, margin)
     lines += gap_lines(gaps, margin)
+    pairs = declared_pairs(runs, declared, margin, where=f"{folder / 'ablation.json'}: report.pairs")
+    lines += pair_lines(pairs, margin)
     inter = interactions(runs, baseline, margin)
     if inter:
         ref, x0 = inter[0]["reference"], inter[0]["x0"]
@@ -188,4 +229,6 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
     deltas = [{"cell": f"Δ {r['series']} x={r['x']}", **{k: v for k, v in r.items() if k != "series"}} for r in inter]
     same_x = [{"cell": f"{r['series']} − {r['reference']} x={r['x']}", "x": r["x"],
                **{f"gap {k}": v for k, v in r.items() if k not in ("series", "reference", "x")}} for r in gaps]
-    return write_table(results_dir, ablation, lines, rows + same_x + deltas, rename=lambda k: k.replace("tuned ", ""))
+    declared_rows = [{"cell": f"{r['a']} − {r['b']}", **{f"gap {k}": v for k, v in r.items() if k not in ("a", "b")}}
+                     for r in pairs]
+    return write_table(results_dir, ablation, lines, rows + same_x + declared_rows + deltas, rename=lambda k: k.replace("tuned ", ""))
