@@ -276,6 +276,17 @@ def test_declared_pairs_compare_two_cells_neither_of_which_is_the_baseline(tmp_p
             test_split.write_test("g", tmp_path / "runs", tmp_path / "results")
 
 
+def test_a_declared_pair_naming_no_cell_is_refused_before_anything_trains(tmp_path):
+    cells = {"a": "# a\n# @baseline\nmodel:\n  loss: infonce\n", "b": "# b\nmodel:\n  loss: gcl\n",
+             "c": "# c\nmodel:\n  loss: meru\n"}
+    _ablation(tmp_path, "ok", cells, {"confirm": {"seeds": 5}, "report": {"pairs": [["b", "c"]]}})
+    assert C.load_ablation("ok", tmp_path).report["pairs"] == [["b", "c"]]
+    for i, bad in enumerate(([["b", "typo"]], [["b", "b"]], [["b"]], ["b", "c"])):
+        _ablation(tmp_path, f"bad{i}", cells, {"report": {"pairs": bad}})
+        with pytest.raises(SystemExit, match=rf"bad{i}/_ablation.yaml: 'report.pairs' lists \[cell, other cell\]"):
+            C.load_ablation(f"bad{i}", tmp_path)
+
+
 def test_a_verdict_never_contradicts_the_interval_printed_beside_it():
     from lightning_clip.report.stats import Interval, verdict
 

@@ -269,6 +269,12 @@ def load_ablation(name: str, ablations_dir: Path = ABLATIONS_DIR) -> Ablation:
                          f"{baselines or 'none'} in {folder}")
     # baseline first: tables and plots read top-down from the reference
     cells.sort(key=lambda c: not c.baseline)
+    # a pair naming no cell would only fail at the report, after the whole grid has trained
+    names = {c.name for c in cells}
+    pairs = (settings.get("report") or {}).get("pairs") or []
+    if not all(isinstance(q, list) and len(q) == 2 and q[0] != q[1] and set(q) <= names for q in pairs):
+        raise SystemExit(f"{folder / SETTINGS_FILE}: 'report.pairs' lists [cell, other cell] of this ablation "
+                         f"(cells: {sorted(names)}), got {pairs}")
     requires = tuple(settings.get("requires") or ())
     if not all(isinstance(r, str) and r for r in requires) or name in requires:
         raise SystemExit(f"{folder / SETTINGS_FILE}: 'requires' lists other ablations' names, got {list(requires)}")

@@ -148,35 +148,34 @@ def declared_pairs(runs, pairs, margin: float, where: str = "report.pairs") -> l
     return [{"a": a, "b": b, **gaps[(a, b)]} for a, b in pairs]
 
 
-def pair_lines(pairs: list[dict], margin: float) -> list[str]:
-    if not pairs:
+def _paired_section(heading: str, note: str, key_head: str, keyed: list[tuple[str, dict]], metric_head: str) -> list[str]:
+    """A markdown section of paired comparisons on GAP_METRICS: one row per (key cells, row of `paired_gaps`)."""
+    if not keyed:
         return []
-    lines = ["", "## Declared pairs (`report.pairs`)", "",
-             f"A − B, paired by seed: Bonferroni interval over the {len(pairs)} pair(s) of each metric; above / "
-             f"below where Holm rejects at 5% and the interval excludes 0, TOST ±{margin:g} (Holm-adjusted); "
-             "a family of its own, apart from the comparisons with the baseline.", "",
-             "| A − B | " + " | ".join(f"{m} | verdict" for m in GAP_METRICS) + " |",
-             "|" + "---|" * (1 + 2 * len(GAP_METRICS))]
-    for r in pairs:
-        lines.append(f"| `{r['a']}` − `{r['b']}` | " + " | ".join(
-            f"{_ci(r[m])} | {r[f'{m} verdict']}" for m in GAP_METRICS) + " |")
+    lines = ["", heading, "", note, "", f"| {key_head} | " + " | ".join(f"{m}{metric_head} | verdict" for m in GAP_METRICS)
+             + " |", "|" + "---|" * (key_head.count("|") + 1 + 2 * len(GAP_METRICS))]
+    for key, r in keyed:
+        lines.append(f"| {key} | " + " | ".join(f"{_ci(r[m])} | {r[f'{m} verdict']}" for m in GAP_METRICS) + " |")
     return lines
+
+
+def pair_lines(pairs: list[dict], margin: float) -> list[str]:
+    return _paired_section(
+        "## Declared pairs (`report.pairs`)",
+        f"A − B, paired by seed: Bonferroni interval over the {len(pairs)} pair(s) of each metric; above / below "
+        f"where Holm rejects at 5% and the interval excludes 0, TOST ±{margin:g} (Holm-adjusted); a family of its "
+        "own, apart from the comparisons with the baseline.",
+        "A − B", [(f"`{r['a']}` − `{r['b']}`", r) for r in pairs], "")
 
 
 def gap_lines(gaps: list[dict], margin: float) -> list[str]:
-    if not gaps:
-        return []
-    ref = gaps[0]["reference"]
-    lines = ["", f"## Each series against `{ref}` at the same x", "",
-             f"S at x − `{ref}` at x, paired by seed: Bonferroni interval over the {len(gaps)} comparisons of each "
-             f"metric; above / below where Holm rejects at 5% and the interval excludes 0, TOST ±{margin:g} "
-             "(Holm-adjusted); each metric is a family of its own.", "",
-             "| series | x | " + " | ".join(f"{m} gap | verdict" for m in GAP_METRICS) + " |",
-             "|" + "---|" * (2 + 2 * len(GAP_METRICS))]
-    for r in gaps:
-        lines.append(f"| `{r['series']}` | {r['x']} | " + " | ".join(
-            f"{_ci(r[m])} | {r[f'{m} verdict']}" for m in GAP_METRICS) + " |")
-    return lines
+    ref = gaps[0]["reference"] if gaps else ""
+    return _paired_section(
+        f"## Each series against `{ref}` at the same x",
+        f"S at x − `{ref}` at x, paired by seed: Bonferroni interval over the {len(gaps)} comparisons of each "
+        f"metric; above / below where Holm rejects at 5% and the interval excludes 0, TOST ±{margin:g} "
+        "(Holm-adjusted); each metric is a family of its own.",
+        "series | x", [(f"`{r['series']}` | {r['x']}", r) for r in gaps], " gap")
 
 
 def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: float = 1.5) -> dict[str, Path]:
