@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_clip import environment
 from lightning_clip.callbacks import default_callbacks
 from lightning_clip.callbacks.results import FILENAME
 from lightning_clip.data import ClipDataModule
@@ -244,7 +245,8 @@ class ClipCLI(LightningCLI):
                                 f"{_finished_step(held)}); resume it with --ckpt_path=last, start over in it "
                                 "with --overwrite=true, or choose another --run_dir")
             # start over: nothing of the previous run may mix with the new one's events and metrics
-            for old in [metrics, run_dir / UNFINISHED, *run_dir.glob("events.out.tfevents.*")]:
+            for old in [metrics, run_dir / UNFINISHED, run_dir / environment.FILENAME,
+                        *run_dir.glob("events.out.tfevents.*")]:
                 old.unlink(missing_ok=True)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 

@@ -369,6 +369,8 @@ def test_tiny_fit_writes_tags_json_and_hparams(tmp_path, variance):
     assert final["temperature/scale"] == pytest.approx(acc.Scalars("temperature/scale")[-1].value)
     assert (final.get("variance/text/spearman_specificity") is not None) == variance
     assert hparams is not None and hparams["loss"] == final["loss_family"]
+    (fit,) = json.loads(open(os.path.join(log_dir, "environment.json")).read())["fits"]  # one fit, from step 0
+    assert fit["start_step"] == 0 and fit["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 # -- every registered family through the callbacks ----------------------------------------------------------

@@ -243,8 +243,12 @@ def test_a_full_disk_never_leaves_a_run_that_looks_finished(world, tmp_path, arg
 
 def test_a_full_disk_while_writing_the_metrics_names_the_file_and_leaves_no_finished_run(world, tmp_path, argv,
                                                                                       monkeypatch):
-    def no_space(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    fsync = os.fsync
+
+    def no_space(fd):  # the disk fills after the run's environment record, at its first metrics
+        if ".final_metrics.json." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
 
     monkeypatch.setattr(os, "fsync", no_space)  # atomic_write's: the metrics' temporary file cannot be made durable
     run = tmp_path / "run"
@@ -252,4 +256,5 @@ def test_a_full_disk_while_writing_the_metrics_names_the_file_and_leaves_no_fini
         _cli(world, run)
     assert stop.value.code not in (0, None)
     assert str(stop.value.code).startswith(f"error: fit failed to write {run / 'final_metrics.json'}")
+    assert (run / "environment.json").exists()  # the write before the disk filled
     assert not (run / "final_metrics.json").exists() and not list(run.glob(".final_metrics.json.*"))

@@ -89,12 +89,15 @@ def test_cli_keeps_last_ckpt_resumes_it_and_refuses_to_start_over(world, tmp_pat
     resumed = _cli(world, run, "--ckpt_path=last", "--trainer.max_steps=5")
     assert resumed.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
     assert json.loads((run / "final_metrics.json").read_text())["step"] == 5
+    # where each part was trained: the first fit from step 0, the resumed one from step 3
+    assert [f["start_step"] for f in json.loads((run / "environment.json").read_text())["fits"]] == [0, 3]
 
     with pytest.raises(SystemExit, match=r"holds no checkpoints/last.ckpt"):
         _cli(world, tmp_path / "empty", "--ckpt_path=last")
 
     _cli(world, run, "--overwrite=true")  # asked: starts over from step 0
     assert json.loads((run / "final_metrics.json").read_text())["step"] == 3
+    assert [f["start_step"] for f in json.loads((run / "environment.json").read_text())["fits"]] == [0]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
 
 

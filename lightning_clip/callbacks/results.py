@@ -1,4 +1,5 @@
-"""``final_metrics.json`` in the run folder, and the loss family in TensorBoard's HPARAMS tab.
+"""``final_metrics.json`` in the run folder, the loss family in TensorBoard's HPARAMS tab, and which machine
+setup trained the run (``environment.json``, `lightning_clip.environment`; a resumed fit appends its own).
 
 The JSON is a flat dict of the last value of every logged metric (``trainer.callback_metrics``) plus
 ``step``, ``epoch``, ``wall_time_s`` and ``loss_family``; the ablation table reads it. It is rewritten
@@ -16,6 +17,7 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_clip import environment
 from lightning_clip.files import atomic_write
 
 FILENAME = "final_metrics.json"
@@ -67,6 +69,8 @@ class ResultsCallback(L.Callback):
         # session description is the one TensorBoard shows.
         if trainer.is_global_zero and os.environ.get(HPARAMS_ENV) != "report":
             self.log_hparams(trainer, pl_module)
+        if trainer.is_global_zero:  # here, not in setup: a fit that fails its checks trained nowhere
+            environment.record(run_dir(trainer), step=trainer.global_step, world_size=trainer.world_size)
 
     @staticmethod
     def hparams_of(pl_module) -> dict[str, Any]:

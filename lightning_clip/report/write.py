@@ -13,6 +13,7 @@ from lightning_clip.files import atomic_write
 from . import plots as figures  # the module; `plots` is write_report's switch
 from .budget import budget_gaps, format_budget, format_plateau, plateau_summary
 from .load import curves_of, load_runs, metrics_of, read_manifest
+from .machines import machine_lines
 from .ranking import RANKING_TAGS, format_ranking, ranking_csv, ranking_stability
 from .settings import settings_of
 from .tensorboard import write_tensorboard
@@ -54,6 +55,7 @@ def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_di
         default = metrics_of(load_runs(default_dir, [c for c in cells if (default_dir / c).is_dir()]))
         sections.append(format_budget(budget_gaps(metrics, default), settings.budget_against))
     sections.append(format_ranking(ranking))
+    sections.append("\n".join(machine_lines(ablation_dir, cells)))
     stamp = f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} on {_machine()}."
     md = format_markdown(rows, ablation, source=ablation_dir.as_posix(), stamp=stamp,
                          series=series_differences(metrics, baseline), sections=sections)
