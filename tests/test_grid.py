@@ -133,8 +133,8 @@ def test_ablation_needs_one_baseline(project):
 def test_shipped_ablations_are_well_formed():
     root = REPO / "experiments" / "ablations"
     names = cells.available(root)
-    assert names[:8] == ["losses", "batch_size", "batch_steps", "batch_pairs", "batch_steps_b128", "gcl_scale",
-                         "duplicates", "variance"]
+    assert names[:9] == ["losses", "batch_size", "batch_steps", "batch_pairs", "batch_steps_b128", "gcl_scale",
+                         "gcl_rho", "duplicates", "variance"]
     assert "real" in names
     # studies run only when named: the budget studies, and the teacher the duplicates ablation requires
     studies = {"convergence", "batch_convergence", "teacher"}
