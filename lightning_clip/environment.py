@@ -62,8 +62,9 @@ def setup_key(record: dict[str, Any]) -> str:
     """One line naming a record's setup: equal lines, equal setups (`SETUP_FIELDS`)."""
     r = {k: record.get(k, "?") for k in SETUP_FIELDS}
     ranks = f", {r['world_size']} ranks" if r["world_size"] not in (1, "?") else ""
-    return (f"{r['cpu']} ({r['cpu_capability']}, flags {r['cpu_flags']}), {r['device']}, {r['threads']} thread{'s' * (r['threads'] != 1)}"
-            f"{ranks}, torch {r['torch']}, numpy {r['numpy']}")
+    threads = f"{r['threads']} thread{'s' * (r['threads'] != 1)}"
+    return (f"{r['cpu']} ({r['cpu_capability']}, flags {r['cpu_flags']}), {r['device']}, {threads}{ranks}, "
+            f"torch {r['torch']}, numpy {r['numpy']}")
 
 
 def read_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -27,8 +27,8 @@ results/<ablation>_val.md.
 
 Modules: `stats` (intervals, differences, ranks, Holm, TOST), `load` (the manifest and one walk over the runs),
 `settings`, `columns`, `tables` (rows, CSV, markdown), `ranking`, `budget`, `plots`, `tuning`, `confirm`, `test_split`,
-`machines` (which setups trained the runs: each run's environment.json), `factors` and `tensorboard` (the ablation's TensorBoard page: runs/<ablation>/_summary/, the README's "Comparing
-in TensorBoard"), `write`, `cli`.
+`machines` (which setups trained the runs: each run's environment.json), `factors` and `tensorboard` (the
+ablation's TensorBoard page: runs/<ablation>/_summary/, the README's "Comparing in TensorBoard"), `write`, `cli`.
 The names below are the notebook's too (notebooks/compare_losses.ipynb), so it and the tables cannot disagree.
 """
 from lightning_clip.report.budget import CONVERGENCE_TAGS

@@ -43,9 +43,10 @@ def machine_lines(ablation_dir: str | os.PathLike, cells: Sequence[str], label: 
     n = sum(len(s) for by_cell in setups.values() for s in by_cell.values())
     if len(setups) == 1:
         (key,) = setups
+        head = f"Machine{label and f' ({label})'}:"
         if key == UNRECORDED:
-            return [f"Machine{label and f' ({label})'}: not recorded for the {n} run{'s' * (n > 1)} (trained before runs kept environment.json)."]
-        return [f"Machine{label and f' ({label})'}: all {n} runs trained on {key}."]
+            return [f"{head} not recorded for the {n} run{'s' * (n > 1)} (trained before runs kept environment.json)."]
+        return [f"{head} all {n} runs trained on {key}."]
     lines = [f"## Machines{label and f': {label}'}", "",
              f"The {n} runs were trained on {len(setups)} setups (`environment.json` in each run folder). A run "
              "repeats its figures exactly only on its own setup: float reductions differ with the CPU kernels, "
