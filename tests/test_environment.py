@@ -14,7 +14,9 @@ def test_describe_reports_this_process_setup():
     d = environment.describe(world_size=2)
     assert d["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert d["threads"] == torch.get_num_threads() and d["world_size"] == 2
-    assert d["torch"] == torch.__version__ and d["device"] == "cpu"
+    assert d["torch"] == torch.__version__
+    assert d["device"] == "cpu"  # the device it trains on, by default the CPU, whether or not a GPU is present
+    assert environment.describe(device=torch.device("cpu"))["device"] == "cpu"
     assert d["cpu"] and (len(d["cpu_flags"]) == 8 or d["cpu_flags"] == "unknown")
     assert set(environment.SETUP_FIELDS) <= set(d)
 
@@ -62,20 +64,23 @@ def test_one_setup_is_one_line(tmp_path):
     for cell in ("a", "b"):
         for seed in (0, 1):
             _run(tmp_path, cell, seed, [{}])
-    _run(tmp_path, "a", 2, [{"cpu_capability": "AVX2"}], finished=False)  # unfinished: not in the table
+    _run(tmp_path, "a", 2, [{"cpu_capability": "other"}], finished=False)  # unfinished: not in the table
+    (tmp_path / "a" / "seed_\u00b2").mkdir()                   # not a seed folder (a Unicode digit)
+    (tmp_path / "a" / "seed_\u00b2" / "final_metrics.json").write_text("{}")
     (line,) = machine_lines(tmp_path, ["a", "b"])
     assert line == f"Machine: all 4 runs trained on {environment.setup_key(environment.describe())}."
 
 
 def test_mixed_setups_are_listed_with_their_cells_and_seeds(tmp_path):
+    base = environment.describe()
     for seed in range(3):
         _run(tmp_path, "a", seed, [{}])
     _run(tmp_path, "b", 0, [{}])
-    _run(tmp_path, "b", 10, [{"cpu_capability": "AVX2"}])
+    _run(tmp_path, "b", 10, [{"cpu_capability": f"{base['cpu_capability']}-other"}])  # never this machine's
     _run(tmp_path, "b", 2)                                           # unrecorded
-    _run(tmp_path, "b", 1, [{}, {"threads": 16}])                    # resumed on another setup
-    here = environment.setup_key(environment.describe())
-    avx2 = environment.setup_key(dict(environment.describe(), cpu_capability="AVX2"))
+    _run(tmp_path, "b", 1, [{}, {"threads": base["threads"] + 1}])   # resumed on another setup
+    here = environment.setup_key(base)
+    avx2 = environment.setup_key(dict(base, cpu_capability=f"{base['cpu_capability']}-other"))
     setups = setups_of(tmp_path, ["a", "b"])
     assert setups[here] == {"a": [0, 1, 2], "b": [0]}
     assert setups[avx2] == {"b": [10]}
@@ -110,3 +115,36 @@ def test_a_full_disk_at_the_record_names_the_file_and_keeps_the_earlier_records(
         environment.record(tmp_path, step=50)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "environment.json")
     assert (tmp_path / "environment.json").read_text() == before
+
+
+def test_one_run_reads_as_one_run(tmp_path):
+    _run(tmp_path, "a", 0, [{}])
+    assert machine_lines(tmp_path, ["a"]) == [
+        f"Machine: 1 run trained on {environment.setup_key(environment.describe())}."]
+
+
+def test_steps_trained_before_the_first_record_are_not_recorded(tmp_path):
+    here = environment.setup_key(environment.describe())
+    # resumed (step 300) in a folder with no record: a placeholder for steps 0-299 comes first
+    run = tmp_path / "a" / "seed_0"
+    run.mkdir(parents=True)
+    (run / "final_metrics.json").write_text("{}")
+    environment.record(run, step=300)
+    fits = environment.read_records(run)
+    assert fits[0]["unrecorded"] and fits[0]["start_step"] == 0 and fits[1]["start_step"] == 300
+    # a file whose first record starts after step 0 (written without the placeholder) reads the same way
+    _run(tmp_path, "a", 1, [{}])
+    path = tmp_path / "a" / "seed_1" / "environment.json"
+    data = json.loads(path.read_text())
+    data["fits"][0]["start_step"] = 120
+    path.write_text(json.dumps(data))
+    assert setups_of(tmp_path, ["a"]) == {f"not recorded then {here}": {"a": [0, 1]}}
+
+
+def test_a_damaged_record_is_moved_aside_on_resume_and_its_steps_count_as_unrecorded(tmp_path):
+    (tmp_path / "environment.json").write_text("{ cut short")
+    environment.record(tmp_path, step=50)
+    assert (tmp_path / "environment.damaged.json").read_text() == "{ cut short"   # kept, not deleted
+    first, second = environment.read_records(tmp_path)
+    assert "environment.damaged.json" in first["unrecorded"] and second["start_step"] == 50
+    assert environment.setup_key(first) == "not recorded"

@@ -70,7 +70,8 @@ class ResultsCallback(L.Callback):
         if trainer.is_global_zero and os.environ.get(HPARAMS_ENV) != "report":
             self.log_hparams(trainer, pl_module)
         if trainer.is_global_zero:  # here, not in setup: a fit that fails its checks trained nowhere
-            environment.record(run_dir(trainer), step=trainer.global_step, world_size=trainer.world_size)
+            environment.record(run_dir(trainer), step=trainer.global_step, world_size=trainer.world_size,
+                               device=trainer.strategy.root_device)
 
     @staticmethod
     def hparams_of(pl_module) -> dict[str, Any]:

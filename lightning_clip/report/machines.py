@@ -8,25 +8,29 @@ the machine's.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
-from lightning_clip.environment import read_records, setup_key
-
-UNRECORDED = "not recorded"
+from lightning_clip.environment import UNRECORDED, read_records, setup_key
 
 
 def setups_of(ablation_dir: str | os.PathLike, cells: Sequence[str]) -> dict[str, dict[str, list[int]]]:
     """{setup line: {cell: [seeds]}} over the finished runs (those with final_metrics.json); a run resumed on
-    another setup is listed under the setups of all its fits, joined by ' then '."""
+    another setup is listed under the setups of all its fits, joined by ' then ' (`UNRECORDED` first where its
+    first record starts after step 0: those steps were trained somewhere unknown)."""
     out: dict[str, dict[str, list[int]]] = {}
     for cell in cells:
-        for run_dir in sorted(Path(ablation_dir, cell).glob("seed_*"), key=lambda p: (len(p.name), p.name)):
-            if not (run_dir / "final_metrics.json").exists() or not run_dir.name[5:].isdigit():
+        found = [(int(m.group(1)), p) for p in Path(ablation_dir, cell).glob("seed_*")
+                 if (m := re.fullmatch(r"seed_(\d+)", p.name, re.ASCII))]
+        for seed, run_dir in sorted(found):
+            if not (run_dir / "final_metrics.json").exists():
                 continue
-            keys = list(dict.fromkeys(setup_key(r) for r in read_records(run_dir)))
+            records = read_records(run_dir)
+            unknown_start = bool(records) and int(records[0].get("start_step", 0) or 0) > 0
+            keys = list(dict.fromkeys([UNRECORDED] * unknown_start + [setup_key(r) for r in records]))
             key = " then ".join(keys) if keys else UNRECORDED
-            out.setdefault(key, {}).setdefault(cell, []).append(int(run_dir.name[5:]))
+            out.setdefault(key, {}).setdefault(cell, []).append(seed)
     return out
 
 
@@ -46,7 +50,7 @@ def machine_lines(ablation_dir: str | os.PathLike, cells: Sequence[str], label: 
         head = f"Machine{label and f' ({label})'}:"
         if key == UNRECORDED:
             return [f"{head} not recorded for the {n} run{'s' * (n > 1)} (trained before runs kept environment.json)."]
-        return [f"{head} all {n} runs trained on {key}."]
+        return [f"{head} {'all ' * (n > 1)}{n} run{'s' * (n > 1)} trained on {key}."]
     lines = [f"## Machines{label and f': {label}'}", "",
              f"The {n} runs were trained on {len(setups)} setups (`environment.json` in each run folder). A run "
              "repeats its figures exactly only on its own setup: float reductions differ with the CPU kernels, "
