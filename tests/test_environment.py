@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from lightning_clip import environment
-from lightning_clip.report.machines import machine_lines, setups_of
+from lightning_clip.report.load import load_runs
+from lightning_clip.report import machines
+
+
+def machine_lines(root, cells, label=""):
+    return machines.machine_lines(load_runs(root, cells), label)
+
+
+def setups_of(root, cells):
+    return machines.setups_of(load_runs(root, cells))
 
 
 def test_describe_reports_this_process_setup():

@@ -21,7 +21,7 @@ from typing import Mapping
 
 from lightning_clip.files import atomic_write
 
-from .load import read_manifest
+from .load import load_runs, read_manifest
 from .machines import machine_lines
 from .stats import holm, kendall, paired_difference, paired_p, rank_cells, t_interval, tost, verdict
 from .tables import write_csv
@@ -157,7 +157,7 @@ def write_confirm(ablation: str, runs_dir="runs", results_dir="results", margin:
     if ceiling:
         lines += ["", ceiling]
     for label, folder in (("default recipe", default_dir), ("tuned", tuned_dir)):
-        machines = machine_lines(folder, cells, label)
+        machines = machine_lines(load_runs(folder, cells), label)
         lines += ["", *machines] if machines else []
     return write_table(results_dir, ablation, lines, rows)
 

@@ -7,26 +7,21 @@ the machine's.
 """
 from __future__ import annotations
 
-import os
-import re
-from pathlib import Path
-from typing import Sequence
+from typing import Mapping
 
 from lightning_clip.environment import UNRECORDED, read_records, setup_key
 
+from .load import Run
 
-def setups_of(ablation_dir: str | os.PathLike, cells: Sequence[str]) -> dict[str, dict[str, list[int]]]:
-    """{setup line: {cell: [seeds]}} over the finished runs (those with final_metrics.json); a run resumed on
-    another setup is listed under the setups of all its fits, joined by ' then ' (`UNRECORDED` first where its
-    first record starts after step 0: those steps were trained somewhere unknown)."""
+
+def setups_of(runs: Mapping[str, Mapping[int, Run]]) -> dict[str, dict[str, list[int]]]:
+    """{setup line: {cell: [seeds]}} over the finished runs of `load.load_runs`; a run resumed on another setup
+    is listed under the setups of all its fits, joined by ' then ' (`UNRECORDED` first where its first record
+    starts after step 0: those steps were trained somewhere unknown)."""
     out: dict[str, dict[str, list[int]]] = {}
-    for cell in cells:
-        found = [(int(m.group(1)), p) for p in Path(ablation_dir, cell).glob("seed_*")
-                 if (m := re.fullmatch(r"seed_(\d+)", p.name, re.ASCII))]
-        for seed, run_dir in sorted(found):
-            if not (run_dir / "final_metrics.json").exists():
-                continue
-            records = read_records(run_dir)
+    for cell, by_seed in runs.items():
+        for seed in sorted(by_seed):
+            records = read_records(by_seed[seed].path)
             unknown_start = bool(records) and int(records[0].get("start_step", 0) or 0) > 0
             keys = list(dict.fromkeys([UNRECORDED] * unknown_start + [setup_key(r) for r in records]))
             key = " then ".join(keys) if keys else UNRECORDED
@@ -38,10 +33,10 @@ def _runs(by_cell: dict[str, list[int]]) -> str:
     return "; ".join(f"`{c}` seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}" for c, s in by_cell.items())
 
 
-def machine_lines(ablation_dir: str | os.PathLike, cells: Sequence[str], label: str = "") -> list[str]:
+def machine_lines(runs: Mapping[str, Mapping[int, Run]], label: str = "") -> list[str]:
     """Markdown lines: one when every run shares a setup, else a section listing each setup's runs ([] when
     no run is finished). ``label`` names the group of runs where a table has several (default, tuned)."""
-    setups = setups_of(ablation_dir, cells)
+    setups = setups_of(runs)
     if not setups:
         return []
     n = sum(len(s) for by_cell in setups.values() for s in by_cell.values())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .columns import series_of
 from .confirm import PRIMARY, _ceiling_line, _ci, _values, compare, load_test, write_table
-from .load import read_manifest
+from .load import load_runs, read_manifest
 from .machines import machine_lines
 from .settings import settings_of
 from .stats import holm, paired_difference, paired_p, t_interval, tost, verdict
@@ -226,7 +226,7 @@ def write_test(ablation: str, runs_dir="runs", results_dir="results", margin: fl
     ceiling = _ceiling_line(runs)
     if ceiling:
         lines += ["", ceiling]
-    machines = machine_lines(folder, cells)
+    machines = machine_lines(load_runs(folder, cells))
     lines += ["", *machines] if machines else []
     deltas = [{"cell": f"Δ {r['series']} x={r['x']}", **{k: v for k, v in r.items() if k != "series"}} for r in inter]
     same_x = [{"cell": f"{r['series']} − {r['reference']} x={r['x']}", "x": r["x"],

@@ -55,7 +55,7 @@ def write_report(ablation: str, runs_dir: str | os.PathLike = "runs", results_di
         default = metrics_of(load_runs(default_dir, [c for c in cells if (default_dir / c).is_dir()]))
         sections.append(format_budget(budget_gaps(metrics, default), settings.budget_against))
     sections.append(format_ranking(ranking))
-    sections.append("\n".join(machine_lines(ablation_dir, cells)))
+    sections.append("\n".join(machine_lines(runs)))
     stamp = f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} on {_machine()}."
     md = format_markdown(rows, ablation, source=ablation_dir.as_posix(), stamp=stamp,
                          series=series_differences(metrics, baseline), sections=sections)
