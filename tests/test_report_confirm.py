@@ -88,3 +88,17 @@ def test_confirm_needs_the_tuned_baseline(tmp_path):
     _runs(tmp_path, "toy_tuned", {"other": [1.0, 2.0]}, baseline="base")
     with pytest.raises(FileNotFoundError, match="tuned baseline"):
         report.write_confirm("toy", runs_dir=tmp_path, results_dir=tmp_path / "results")
+
+
+def test_load_test_reads_seed_folders_only_and_names_a_damaged_record(tmp_path):
+    _runs(tmp_path, "toy", {"base": [30.0, 31.0]})
+    # a copy put aside next to seed 0 must not stand in for it (seed_0_old once parsed as seed 0)
+    aside = tmp_path / "toy" / "base" / "seed_0_old"
+    aside.mkdir()
+    (aside / confirm.TEST_FILE).write_text(json.dumps(
+        [{"task": "zeroshot_retrieval", "metrics": {"image_retrieval_recall@1": 0.99}}]))
+    runs = confirm.load_test(tmp_path / "toy", ["base"])
+    assert sorted(runs["base"]) == [0, 1] and runs["base"][0]["image_retrieval_recall@1"] == pytest.approx(0.30)
+    (tmp_path / "toy" / "base" / "seed_1" / confirm.TEST_FILE).write_text("[{")
+    with pytest.raises(ValueError, match=r"seed_1/eval_test\.json: unreadable evaluation records"):
+        confirm.load_test(tmp_path / "toy", ["base"])

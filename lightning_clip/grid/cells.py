@@ -49,8 +49,8 @@ ABLATIONS_DIR = Path("experiments/ablations")
 SETTINGS_FILE = "_ablation.yaml"
 # The order `make ablate` runs them in: the main table first, and `losses` before `variance`, which
 # repeats three of its cells and so copies their runs. Unlisted ablations follow alphabetically.
-PREFERRED_ORDER = ("losses", "batch_size", "batch_steps", "batch_pairs", "batch_steps_b128", "gcl_scale", "gcl_rho", "batch16",
-                   "duplicates", "variance", "real")
+PREFERRED_ORDER = ("losses", "batch_size", "batch_steps", "batch_pairs", "batch_steps_b128", "gcl_scale", "gcl_rho",
+                   "batch16", "duplicates", "variance", "real")
 DEFAULT_SEEDS, QUICK_SEEDS = 3, 1
 CONFIRM_SEEDS = 5  # a claim rests on 5 seeds or more (the confirm stage's default too)
 DIRECTIVES = ("baseline", "quick", "data", "seeds", "tune", "from")

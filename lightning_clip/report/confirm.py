@@ -21,7 +21,7 @@ from typing import Mapping
 
 from lightning_clip.files import atomic_write
 
-from .load import load_runs, read_manifest
+from .load import load_runs, read_manifest, seed_of
 from .machines import machine_lines
 from .stats import holm, kendall, paired_difference, paired_p, rank_cells, t_interval, tost, verdict
 from .tables import write_csv
@@ -47,6 +47,9 @@ def load_test(ablation_dir: Path, cells, task: str = RETRIEVAL, optional: bool =
     out: dict[str, dict[int, dict[str, float]]] = {}
     for cell in cells:
         for path in sorted((Path(ablation_dir) / cell).glob(f"seed_*/{TEST_FILE}")):
+            seed = seed_of(path.parent)
+            if seed is None:  # seed_0_old: a folder put aside, not seed 0
+                continue
             try:
                 records = json.loads(path.read_text(encoding="utf-8"))
                 found = [r["metrics"] for r in records if r["task"] == task]
@@ -55,7 +58,7 @@ def load_test(ablation_dir: Path, cells, task: str = RETRIEVAL, optional: bool =
             if not found and not optional:
                 raise ValueError(f"{path}: no {task} record")
             if found:
-                out.setdefault(cell, {})[int(path.parent.name.split("_")[1])] = found[0]
+                out.setdefault(cell, {})[seed] = found[0]
     return out
 
 

@@ -37,8 +37,9 @@ def read_manifest(ablation_dir: str | os.PathLike) -> dict:
         return dict(ablation=ablation_dir.name, baseline=None, cells=[dict(name=c, description="") for c in cells])
 
 
-def _seed_of(path: Path) -> int | None:
-    m = re.fullmatch(r"seed_(\d+)", path.name)
+def seed_of(path: Path) -> int | None:
+    """k of a run folder named seed_<k> (ASCII digits only); None for any other folder (a copy put aside)."""
+    m = re.fullmatch(r"seed_([0-9]+)", path.name)
     return int(m.group(1)) if m else None
 
 
@@ -53,7 +54,7 @@ def load_runs(ablation_dir: str | os.PathLike, cells: Sequence[str] | None = Non
     for cell in cells:
         out[cell] = {}
         for run_dir in sorted((ablation_dir / cell).glob("seed_*")):
-            seed, path = _seed_of(run_dir), run_dir / "final_metrics.json"
+            seed, path = seed_of(run_dir), run_dir / "final_metrics.json"
             if seed is None or not path.exists():
                 continue
             try:
